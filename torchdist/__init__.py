@@ -1,0 +1,88 @@
+"""torchdist: take a plain PyTorch training loop to many devices by composing small functions.
+
+Every function receives the ``Topology`` it works on; there is no global state. Submodules
+(``torchdist.data``, ``torchdist.transforms``, ``torchdist.sharding``, ``torchdist.precision``,
+``torchdist.checkpoint``) load on first use, so ``import torchdist`` costs little over
+``import torch``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from torchdist.collectives import (
+    all_reduce,
+    broadcast,
+    gather,
+    gather_for_metrics,
+    gather_object,
+    pad_across_ranks,
+)
+from torchdist.control import (
+    barrier,
+    is_main,
+    main_first,
+    print0,
+    set_seed,
+    split_between_ranks,
+    sync_rng,
+)
+from torchdist.errors import (
+    CheckpointError,
+    CollectiveError,
+    CompositionError,
+    DistributedTimeoutError,
+    RankError,
+    ShardingError,
+    StepError,
+    TopologyError,
+    TorchdistError,
+)
+from torchdist.placement import to_device
+from torchdist.runtime import distributed
+from torchdist.state import LossScale, TrainState
+from torchdist.topology import Topology
+from torchdist.worlds import in_process, spawn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Topology",
+    "TrainState",
+    "LossScale",
+    "distributed",
+    "spawn",
+    "in_process",
+    "all_reduce",
+    "gather",
+    "gather_object",
+    "broadcast",
+    "pad_across_ranks",
+    "gather_for_metrics",
+    "to_device",
+    "is_main",
+    "main_first",
+    "barrier",
+    "print0",
+    "split_between_ranks",
+    "set_seed",
+    "sync_rng",
+    "TorchdistError",
+    "TopologyError",
+    "CompositionError",
+    "CollectiveError",
+    "CheckpointError",
+    "RankError",
+    "ShardingError",
+    "StepError",
+    "DistributedTimeoutError",
+]
+
+_LAZY_SUBMODULES = ("data", "transforms", "sharding", "precision", "checkpoint", "cli", "marks")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"torchdist.{name}")
+    raise AttributeError(f"module 'torchdist' has no attribute {name!r}")

@@ -1,0 +1,97 @@
+"""The one place torchdist touches private torch paths. Each use says why and what replaces it.
+
+Kept here so a torch upgrade that moves one of them breaks one small module, not the library.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+
+import torch
+
+__all__ = [
+    "flatten_mesh",
+    "install_thread_world",
+    "in_thread_world",
+    "is_composable_ddp",
+    "composable_replicate",
+    "composable_checkpoint",
+]
+
+# Only one in-process world can swap torch's process-group registry at a time. This lock is the
+# single piece of module state in torchdist: it guards torch's global, not a state of ours.
+_THREAD_WORLD_LOCK = threading.Lock()
+
+
+def flatten_mesh(mesh, names: tuple[str, ...], alias: str):
+    """``mesh[names]`` flattened into one named axis (``DeviceMesh._flatten``, private in 2.13)."""
+    return mesh[names]._flatten(alias)
+
+
+def install_thread_world(acquire_timeout: float) -> Callable[[], None]:
+    """Make torch.distributed's registry thread-local, so threads can each be one rank.
+
+    Returns the function that undoes it; call it once, when the last rank thread has finished
+    (a thread still blocked in a collective would otherwise wake up in the real world).
+
+    torch keeps the default process group in a module global (``distributed_c10d._world``) and
+    registers groups by name in a C++ map. Its own multi-threaded tests swap the first for a
+    ``ThreadLocalWorld`` and switch the second to per-thread isolation; we do the same, with real
+    gloo process groups in each thread rather than torch's Python "threaded" backend.
+    """
+    import torch.distributed.distributed_c10d as c10d
+    from torch.testing._internal.distributed.multi_threaded_pg import ThreadLocalWorld
+
+    if not _THREAD_WORLD_LOCK.acquire(timeout=acquire_timeout):
+        from torchdist.errors import DistributedTimeoutError
+
+        raise DistributedTimeoutError(
+            f"another in-process world is still running after {acquire_timeout:.0f} s (an "
+            "earlier one whose ranks are still blocked in a collective until their timeout). "
+            "Only one in-process world runs at a time; wait for it, or use spawn()."
+        )
+    previous, excepthook = c10d._world, sys.excepthook
+    c10d._world = ThreadLocalWorld()
+    torch._C._distributed_c10d._set_thread_isolation_mode(True)
+
+    def uninstall() -> None:
+        torch._C._distributed_c10d._set_thread_isolation_mode(False)
+        c10d._world, sys.excepthook = previous, excepthook
+        _THREAD_WORLD_LOCK.release()
+
+    return uninstall
+
+
+def composable_replicate(module, **ddp_kwargs):
+    """DDP applied in place, keeping parameter names (``torch.distributed._composable.replicate``).
+
+    The ``DistributedDataParallel`` wrapper would prefix every name with ``module.``; the
+    composable form makes the module itself a DDP subclass instead.
+    """
+    from torch.distributed._composable.replicate import replicate
+
+    return replicate(module, **ddp_kwargs)
+
+
+def composable_checkpoint(module, **kwargs):
+    """Activation checkpointing applied in place, keeping parameter names
+    (``torch.distributed._composable.checkpoint``)."""
+    from torch.distributed._composable import checkpoint
+
+    return checkpoint(module, **kwargs)
+
+
+def in_thread_world() -> bool:
+    """True inside an ``in_process`` world (torch's registry swapped for a thread-local one)."""
+    import torch.distributed.distributed_c10d as c10d
+
+    return type(c10d._world).__name__ == "ThreadLocalWorld"
+
+
+def is_composable_ddp(module) -> bool:
+    """True for a module ``torch.distributed._composable.replicate`` turned into a DDP subclass."""
+    from torch.distributed._composable.replicate import DDP
+
+    return isinstance(module, DDP)

@@ -1,0 +1,68 @@
+"""`replicate(model, mesh)`: classic data parallelism (DDP), applied in place.
+
+Every rank holds the whole model; gradients are all-reduced in buckets that overlap the backward
+(torch's ``DistributedDataParallel`` reducer). Applied with torch's composable ``replicate``, so
+the module keeps its class's behaviour and its parameter names (no ``module.`` prefix) and
+checkpoints stay portable. ``accumulate`` uses DDP's ``no_sync`` on micro-steps.
+
+In an ``in_process`` world (ranks as threads) torch 2.13's DDP crashes under
+``TORCH_DISTRIBUTED_DEBUG=DETAIL``; ``replicate`` refuses that combination with a clear error:
+start such a world with ``debug="INFO"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from torchdist._compat import composable_replicate, in_thread_world
+from torchdist.errors import ShardingError
+from torchdist.marks import mark
+from torchdist.sharding._common import check_has_parameters, check_not_applied, resolve_mesh
+
+__all__ = ["replicate"]
+
+_CONFLICTS = {
+    "shard": "a sharded model already syncs its gradients; apply shard or replicate, not both.",
+    "replicate": "the model is already replicated.",
+    "deepspeed": "DeepSpeed already syncs this model's gradients.",
+}
+
+
+def replicate(model: nn.Module, mesh: Any, *, bucket_mb: float = 25.0) -> nn.Module:
+    """Make ``model`` data-parallel over ``mesh`` (a live Topology's ``"dp"`` axis, or a 1-D mesh).
+
+    Communicates: an asynchronous all-reduce per ~``bucket_mb`` MB bucket of gradients during
+    the backward (averaged over the group), and a broadcast of rank 0's parameters and buffers
+    at the first forward so every replica starts equal.
+
+    Example::
+
+        with td.distributed(td.Topology.from_env(dp_replicate=-1)) as topo:
+            model = replicate(td.to_device(build_model(), topo), topo)
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    check_has_parameters(model, "replicate")
+    check_not_applied(model, "replicate", _CONFLICTS)
+    if isinstance(model, DistributedDataParallel):
+        raise ShardingError("replicate: the model is already a DistributedDataParallel module.")
+    dp_mesh = resolve_mesh(mesh, ("dp",), transform="replicate")
+    if dp_mesh.ndim != 1:
+        raise ShardingError(
+            f"replicate needs a 1-D mesh, got {dp_mesh.ndim}-D {dp_mesh.mesh_dim_names}; pass "
+            "the topology (its 'dp' axis is used) or one axis of the mesh."
+        )
+    import torch.distributed as dist
+
+    if in_thread_world() and dist.get_debug_level() == dist.DebugLevel.DETAIL:
+        # torch 2.13's DDP logger crashes (SIGSEGV) when ranks are threads and the debug level
+        # is DETAIL; refuse with the fix rather than take the process down.
+        raise ShardingError(
+            "replicate (DDP) in an in-process world cannot run with TORCH_DISTRIBUTED_DEBUG="
+            "DETAIL (torch's DDP logger crashes when ranks are threads). Start the world with "
+            "td.in_process(fn, n, debug='INFO'), or use td.spawn for real processes."
+        )
+    composable_replicate(model, process_group=dp_mesh.get_group(), bucket_cap_mb=bucket_mb)
+    return mark(model, "replicate")

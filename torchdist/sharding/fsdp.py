@@ -1,0 +1,145 @@
+"""`shard(model, mesh)`: FSDP2 (`fully_shard`) applied bottom-up — every block, then the root.
+
+Each rank keeps ``1/N`` of every parameter (a ``DTensor`` sharded on dim 0 over the data-parallel
+mesh), all-gathers a block's parameters just before the block runs and frees them after
+(``reshard_after_forward``), and reduce-scatters gradients in the backward, so gradients arrive
+averaged and sharded. On a 2-D ``(dp_replicate, dp_shard)`` mesh this is HSDP: sharded within a
+``dp_shard`` group, replicated (gradients all-reduced) across ``dp_replicate``. Parameter names
+are unchanged. A model built on the meta device can be sharded first and materialised after
+(``materialize``), so no rank ever holds the whole model.
+
+The order that works: ``autocast_fp8`` and ``parallelize`` (tensor parallel) before ``shard``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from torchdist.blocks import BlockSpec, find_blocks
+from torchdist.errors import ShardingError
+from torchdist.marks import applied, mark
+from torchdist.sharding._common import check_has_parameters, check_not_applied, resolve_mesh
+
+__all__ = ["shard", "MixedPrecision", "materialize", "is_sharded"]
+
+
+@dataclass(frozen=True)
+class MixedPrecision:
+    """FSDP2 mixed precision: parameters all-gathered and computed in ``param_dtype``, gradients
+    reduced in ``reduce_dtype``; the sharded fp32 master weights stay what the optimizer sees."""
+
+    param_dtype: torch.dtype | None = torch.bfloat16
+    reduce_dtype: torch.dtype | None = torch.float32
+    output_dtype: torch.dtype | None = None
+    cast_forward_inputs: bool = True
+
+    def to_torch(self):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return MixedPrecisionPolicy(
+            param_dtype=self.param_dtype,
+            reduce_dtype=self.reduce_dtype,
+            output_dtype=self.output_dtype,
+            cast_forward_inputs=self.cast_forward_inputs,
+        )
+
+
+_CONFLICTS = {
+    "shard": "the model is already sharded; apply shard once, to the whole model.",
+    "replicate": "a replicated (DDP) model cannot also be sharded; choose one of them.",
+    "deepspeed": "DeepSpeed already partitions this model; use its ZeRO stage instead.",
+}
+
+
+def shard(
+    model: nn.Module,
+    mesh: Any,
+    *,
+    blocks: BlockSpec = None,
+    reshard_after_forward: bool = True,
+    mixed_precision: MixedPrecision | None = None,
+    offload: bool = False,
+) -> nn.Module:
+    """Shard ``model`` with FSDP2 over ``mesh``; return the same module, now sharded in place.
+
+    ``mesh``: a live ``Topology`` (its ``dp_replicate`` x ``dp_shard`` axes; HSDP when both are
+    larger than 1) or a ``DeviceMesh`` (1-D: FSDP; 2-D: HSDP). ``blocks``: which submodules get
+    their own FSDP unit (default: the repeated blocks; a predicate over ``(name, module)``; or a
+    list of types); the root always gets one. ``offload=True`` keeps parameters, gradients and
+    optimizer state on the CPU.
+
+    Communicates, per block and step: an all-gather of its parameters in the forward (and again
+    in the backward when ``reshard_after_forward``), a reduce-scatter of its gradients over
+    ``dp_shard`` and, for HSDP, an all-reduce over ``dp_replicate``. ``accumulate`` turns the
+    gradient communication off on micro-steps.
+
+    Example::
+
+        with td.distributed(td.Topology.from_env(dp_shard=-1)) as topo:
+            model = shard(build_model(), topo)           # or shard(model, topo.mesh["dp_shard"])
+            opt = torch.optim.AdamW(model.parameters())  # after shard: the sharded parameters
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+
+    check_has_parameters(model, "shard")
+    check_not_applied(model, "shard", _CONFLICTS)
+    if isinstance(model, FSDPModule):
+        raise ShardingError(
+            "shard: the model is already an FSDPModule (fully_shard was applied outside "
+            "torchdist). Apply shard to the unsharded model."
+        )
+    dp_mesh = resolve_mesh(mesh, ("dp_replicate", "dp_shard"), transform="shard")
+    kwargs: dict[str, Any] = {"mesh": dp_mesh, "reshard_after_forward": reshard_after_forward}
+    if mixed_precision is not None:
+        kwargs["mp_policy"] = mixed_precision.to_torch()
+    kwargs["offload_policy"] = CPUOffloadPolicy() if offload else OffloadPolicy()
+    units = find_blocks(model, blocks, transform="shard")
+    for _, block in units:
+        fully_shard(block, **kwargs)
+    # The root's parameters (embeddings, head) are gathered once per step, not resharded after
+    # the forward: its all-gather would be the first thing the backward needs anyway.
+    fully_shard(model, **{**kwargs, "reshard_after_forward": False if units else reshard_after_forward})
+    return mark(model, "shard")
+
+
+def materialize(
+    model: nn.Module,
+    device: torch.device | str,
+    *,
+    init: Callable[[nn.Module], Any] | None = None,
+    full_state_dict: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Give a model built on the meta device (and usually sharded) real storage, then initialise.
+
+    ``to_empty`` allocates each rank's shards on ``device`` (uninitialised), then either ``init``
+    is called on the model (e.g. a function that calls ``reset_parameters`` on every submodule;
+    random inits of DTensors draw from torch's distributed RNG) or ``full_state_dict`` — the full,
+    unsharded weights, needed on rank 0 only — is scattered so each rank keeps its shards.
+
+    Communicates: with ``full_state_dict``, a broadcast from rank 0 of each tensor (each rank
+    keeps its slice); with ``init``, whatever the initialiser does.
+    """
+    if (init is None) == (full_state_dict is None):
+        raise ShardingError("materialize needs exactly one of init= or full_state_dict=.")
+    model.to_empty(device=device)
+    if init is not None:
+        with torch.no_grad():
+            init(model)
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(model, full_state_dict, options=options)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when ``shard`` (or ``fully_shard``) was applied to ``model``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return "shard" in applied(model) or isinstance(model, FSDPModule)

@@ -1,0 +1,235 @@
+"""`sync_grads(topo)`: data-parallel gradient averaging for a plain model, the way DDP does it.
+
+Parameters are grouped into buckets of about ``bucket_mb`` MB (in reverse registration order,
+which approximates the order the backward produces gradients, as DDP's first bucketing does).
+A post-accumulate-grad hook on every parameter marks it ready; when a bucket is complete its
+gradients are packed into one flat buffer, pre-divided by the group size and all-reduced
+**asynchronously**, so communication overlaps the rest of the backward. Buckets launch strictly
+in order (every rank issues the same collectives in the same order, even when a parameter got no
+gradient on some rank: it contributes zeros at the end of the backward). Before the step returns
+every bucket is waited on and each ``param.grad`` becomes a view of its bucket (no copy back).
+
+On a model that already averages its gradients (``shard``, ``replicate``, DDP, FSDP2, a
+DeepSpeed engine) or a single data-parallel rank, ``sync_grads`` steps aside: it logs why once
+and records it in ``step.info["sync_grads"]["steps_aside"]``. It never averages twice.
+
+Hooks are registered on the model's parameters on the first step and act only inside this step
+function (and not on micro-steps that ``accumulate`` marks as such). Tensor-parallel parameters
+(DTensors on a mesh without the data-parallel axes) are averaged through their local tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from torchdist.collectives import Axis, resolve_group
+from torchdist.errors import TopologyError
+from torchdist.marks import data_parallel_owner
+from torchdist.state import StepFn, TrainState
+from torchdist.topology import Topology
+from torchdist.transforms.composition import Phase, StepTransform
+
+__all__ = ["sync_grads", "GradSync"]
+
+log = logging.getLogger("torchdist.transforms")
+
+
+@dataclass
+class _Bucket:
+    params: list[torch.nn.Parameter]
+    offsets: list[int]
+    numel: int
+    dtype: torch.dtype
+    device: torch.device
+    buffer: torch.Tensor | None = None
+    ready: set[int] = field(default_factory=set)
+    work: Any = None
+
+
+class GradSync:
+    """Bucketed, overlapped gradient averaging of one model over one process group."""
+
+    def __init__(self, model: torch.nn.Module, group: Any, bucket_bytes: int) -> None:
+        import torch.distributed as dist
+
+        self.group = group
+        self.size = dist.get_world_size(group)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.buckets = _bucket(list(reversed(params)), bucket_bytes)
+        self._where = {id(p): (b, i) for b, bucket in enumerate(self.buckets)
+                       for i, p in enumerate(bucket.params)}  # fmt: skip
+        self._active = False
+        self._paused = False
+        self._next = 0
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+
+    # ------------------------------------------------------------------ lifecycle of one step
+    def begin(self) -> None:
+        for bucket in self.buckets:
+            bucket.ready.clear()
+            bucket.work = None
+        self._next = 0
+        self._active = True
+
+    def finish(self) -> None:
+        """Launch what the backward did not, wait for everything, install the averaged grads."""
+        try:
+            while self._next < len(self.buckets):
+                self._launch(self.buckets[self._next])
+                self._next += 1
+            for bucket in self.buckets:
+                bucket.work.wait()
+                self._install(bucket)
+        finally:
+            self._active = False
+
+    def abort(self) -> None:
+        self._active = False
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No communication from the hooks in the body (an accumulation micro-step)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    # ------------------------------------------------------------------ internals
+    def _on_grad(self, param: torch.Tensor) -> None:
+        if not self._active or self._paused:
+            return
+        b, i = self._where[id(param)]
+        bucket = self.buckets[b]
+        bucket.ready.add(i)
+        while self._next < len(self.buckets):
+            head = self.buckets[self._next]
+            if len(head.ready) != len(head.params):
+                break
+            self._launch(head)
+            self._next += 1
+
+    def _launch(self, bucket: _Bucket) -> None:
+        import torch.distributed as dist
+
+        if bucket.buffer is None:
+            bucket.buffer = torch.empty(bucket.numel, dtype=bucket.dtype, device=bucket.device)
+        flat = bucket.buffer
+        with torch.no_grad():
+            for param, offset in zip(bucket.params, bucket.offsets):
+                grad = _local(param.grad)
+                view = flat[offset : offset + _local(param).numel()]
+                if grad is None:
+                    view.zero_()
+                elif grad.data_ptr() != view.data_ptr():
+                    view.copy_(grad.reshape(-1))
+            flat.div_(self.size)
+        bucket.work = dist.all_reduce(flat, group=self.group, async_op=True)
+
+    def _install(self, bucket: _Bucket) -> None:
+        from torch.distributed.tensor import DTensor
+
+        flat = bucket.buffer
+        with torch.no_grad():
+            for param, offset in zip(bucket.params, bucket.offsets):
+                view = flat[offset : offset + _local(param).numel()]
+                if isinstance(param, DTensor):  # tensor-parallel: average the local shard
+                    if param.grad is None:
+                        param.grad = torch.zeros_like(param)
+                    local = param.grad.to_local()
+                    local.copy_(view.view_as(local))
+                else:
+                    param.grad = view.view_as(param)
+
+
+def _local(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """The tensor this rank holds: a DTensor's local shard, a parameter's data."""
+    from torch.distributed.tensor import DTensor
+
+    if tensor is None:
+        return None
+    if isinstance(tensor, DTensor):
+        return tensor.to_local()
+    return tensor.detach()
+
+
+def _bucket(params: list[torch.nn.Parameter], bucket_bytes: int) -> list[_Bucket]:
+    buckets: list[_Bucket] = []
+    open_buckets: dict[tuple, _Bucket] = {}
+    for param in params:
+        local = _local(param)
+        key = (local.dtype, local.device)
+        bucket = open_buckets.get(key)
+        if bucket is None or (bucket.numel and (bucket.numel + local.numel()) *
+                              local.element_size() > bucket_bytes):  # fmt: skip
+            bucket = _Bucket([], [], 0, local.dtype, local.device)
+            buckets.append(bucket)
+            open_buckets[key] = bucket
+        bucket.params.append(param)
+        bucket.offsets.append(bucket.numel)
+        bucket.numel += local.numel()
+    return buckets
+
+
+def sync_grads(topo: Topology, *, bucket_mb: float = 25.0, axis: Axis = "dp") -> StepTransform:
+    """Average gradients over the data-parallel ranks of ``topo`` (see the module docstring).
+
+    Communicates: one asynchronous ``all_reduce`` per bucket over the ``axis`` group (default
+    ``"dp"`` = ``dp_replicate x dp_shard``), launched from gradient hooks during the backward,
+    in the gradients' dtype; all waited on before the step returns.
+
+    Example::
+
+        step = compose(optimize(opt), clip_grads(1.0), sync_grads(topo))(value_and_grad(loss_fn))
+    """
+    if bucket_mb <= 0:
+        raise TopologyError(f"bucket_mb must be positive, got {bucket_mb}.")
+    bucket_bytes = int(bucket_mb * 2**20)
+    syncs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def wrap(inner: StepFn, info: dict) -> StepFn:
+        info["axis"] = axis
+        info["bucket_mb"] = bucket_mb
+
+        def setup(model: torch.nn.Module) -> GradSync | None:
+            reason = data_parallel_owner(model)
+            if reason is None and topo.size(axis) == 1:
+                reason = f"the {axis!r} axis has one rank: there is nothing to average"
+            if reason is not None:
+                info["steps_aside"] = reason
+                log.info("sync_grads steps aside: %s.", reason)
+                return None
+            sync = GradSync(model, resolve_group(topo, axis), bucket_bytes)
+            info["buckets"] = len(sync.buckets)
+            return sync
+
+        def step(state: TrainState, batch: Any):
+            if state.model not in syncs:
+                syncs[state.model] = setup(state.model)
+            sync = syncs[state.model]
+            if sync is None:
+                return inner(state, batch)
+            sync.begin()
+            try:
+                new_state, metrics = inner(state.replace(context=state.context.replace(grad_sync=sync)), batch)
+                sync.finish()
+            except BaseException:
+                sync.abort()
+                raise
+            ctx = new_state.context.replace(grad_sync=state.context.grad_sync)
+            return new_state.replace(context=ctx), metrics
+
+        return step
+
+    return StepTransform("sync_grads", Phase.SYNC, wrap)
