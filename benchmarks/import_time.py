@@ -6,7 +6,9 @@ wall time with ``time.perf_counter`` and CPU time (user + sys of the child, from
 every pair, so drift on a shared machine hits both equally. The report is the median of each, the
 difference of the medians and the median of the per-pair differences; the goal is that torchdist
 adds less than 0.05 s of wall time. Interpreter start-up is in both and cancels out. CPU time is
-printed beside wall time because it hardly moves when other processes compete for the cores.
+printed beside wall time because it moves less when other processes compete for the cores. Each
+torchdist child also times ``import torchdist`` right after ``import torch`` inside itself: the
+sharpest figure, since the whole-process times vary by more than the difference they measure.
 
 Bytecode: by default the children write and reuse ``.pyc`` files under a private
 ``PYTHONPYCACHEPREFIX`` (a temporary directory kept between runs), as a normal install does, even
@@ -46,13 +48,27 @@ def child_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def time_import(module: str, env: dict[str, str]) -> tuple[float, float]:
-    """(wall s, cpu s) of a fresh interpreter that imports ``module``."""
+# Each child also times its own imports, so that the cost of torchdist *after* torch is measured
+# inside one process (``import torch`` first, then ``import torchdist``): the sharpest number on a
+# noisy machine, since nothing else in that interval varies. Costs a perf_counter call or two.
+CHILD = {
+    "torch": "import torch",
+    "torchdist": "import time; import torch; w, c = time.perf_counter(), time.process_time(); "
+    "import torchdist; print(time.perf_counter() - w, time.process_time() - c)",
+}
+
+
+def time_import(module: str, env: dict[str, str]) -> tuple[float, float, tuple[float, float]]:
+    """(wall s, cpu s, (wall s, cpu s) of torchdist after torch, in the child) of a fresh
+    interpreter importing ``module``."""
     cpu0 = child_cpu_s()
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", f"import {module}"], check=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD[module]], check=True, env=env, capture_output=True, text=True
+    )
     wall = time.perf_counter() - start
-    return wall, child_cpu_s() - cpu0
+    after_torch = tuple(map(float, out.stdout.split())) if module == "torchdist" else (0.0, 0.0)
+    return wall, child_cpu_s() - cpu0, after_torch
 
 
 def heavy_modules(env: dict[str, str]) -> list[str]:
@@ -95,17 +111,26 @@ def main() -> None:
 
     wall = {"torch": [], "torchdist": []}
     cpu = {"torch": [], "torchdist": []}
+    incremental: list[tuple[float, float]] = []
     for i in range(args.runs):
         order = ("torch", "torchdist") if i % 2 == 0 else ("torchdist", "torch")
         for module in order:
-            w, c = time_import(module, env)
+            w, c, after_torch = time_import(module, env)
             wall[module].append(w)
             cpu[module].append(c)
+            if module == "torchdist":
+                incremental.append(after_torch)
 
     def diffs(samples):
         med = statistics.median(samples["torchdist"]) - statistics.median(samples["torch"])
         pair = statistics.median(b - a for a, b in zip(samples["torch"], samples["torchdist"]))
         return med, pair
+
+    def spread(samples):
+        """Interquartile range of the per-pair differences: the noise the difference sits in."""
+        pairs = sorted(b - a for a, b in zip(samples["torch"], samples["torchdist"]))
+        q = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else [0.0, 0.0, 0.0]
+        return q[2] - q[0]
 
     print(f"python: {sys.executable}")
     print(f"bytecode: {bytecode}")
@@ -115,16 +140,32 @@ def main() -> None:
     print("  " + summary("median `import torchdist`", wall["torchdist"]))
     wall_diff, wall_pair = diffs(wall)
     print(f"  difference of medians     : {wall_diff * 1000:+.1f} ms")
-    print(f"  median per-pair difference: {wall_pair * 1000:+.1f} ms")
+    print(f"  median per-pair difference: {wall_pair * 1000:+.1f} ms "
+          f"(IQR of the pair differences: {spread(wall) * 1000:.0f} ms)")
     print("cpu time (user + sys of the child)")
     print("  " + summary("median `import torch`", cpu["torch"]))
     print("  " + summary("median `import torchdist`", cpu["torchdist"]))
     cpu_diff, cpu_pair = diffs(cpu)
     print(f"  difference of medians     : {cpu_diff * 1000:+.1f} ms")
-    print(f"  median per-pair difference: {cpu_pair * 1000:+.1f} ms")
-    verdict = "meets" if wall_diff < GOAL_S else "misses"
-    print(f"goal: torchdist adds < {GOAL_S * 1000:.0f} ms of wall time -> {verdict} it "
-          f"({wall_diff * 1000:+.1f} ms wall, {cpu_diff * 1000:+.1f} ms cpu)")
+    print(f"  median per-pair difference: {cpu_pair * 1000:+.1f} ms "
+          f"(IQR of the pair differences: {spread(cpu) * 1000:.0f} ms)")
+    inc_wall = [w for w, _ in incremental]
+    inc_cpu = [c for _, c in incremental]
+    print("in one process: `import torchdist` right after `import torch`")
+    print("  " + summary("wall", inc_wall))
+    print("  " + summary("cpu", inc_cpu))
+    print(f"goal: torchdist adds < {GOAL_S * 1000:.0f} ms over `import torch`")
+    for name, value in (
+        ("whole-process wall, difference of medians", wall_diff),
+        ("whole-process cpu, difference of medians", cpu_diff),
+        ("in-process wall, median", statistics.median(inc_wall)),
+        ("in-process cpu, median", statistics.median(inc_cpu)),
+    ):
+        verdict = "meets" if value < GOAL_S else "misses"
+        print(f"  {name:<42}: {value * 1000:+7.1f} ms -> {verdict} the goal")
+    if spread(wall) > GOAL_S:
+        print("  (the whole-process wall difference is within noise on this machine: the pair "
+              "differences spread wider than the goal; trust the in-process figures)")
 
     heavy = heavy_modules(env)
     print(f"heavy modules imported by `import torchdist`: {heavy or 'none'} "

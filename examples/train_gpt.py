@@ -29,21 +29,30 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 class Block(nn.Module):
+    """Pre-norm attention + MLP. Head count is read from the projections' local width, so the
+    block also runs tensor-parallel (q/k/v/up colwise, proj/down rowwise)."""
+
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-        self.heads = heads
+        self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
+        self.proj = nn.Linear(dim, dim)
+        self.up, self.down = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.head_dim = dim // heads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
-        att = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-        )
-        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
-        return x + self.mlp(self.norm2(x))
+        b, t, _ = x.shape
+        h = self.norm1(x)
+        q, k, v = (p(h).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, t, -1))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+TP_PLAN = {
+    "blocks.*.q": "colwise", "blocks.*.k": "colwise", "blocks.*.v": "colwise",
+    "blocks.*.proj": "rowwise", "blocks.*.up": "colwise", "blocks.*.down": "rowwise",
+}  # fmt: skip
 
 
 class GPT(nn.Module):
@@ -78,57 +87,105 @@ def loss_fn(model: nn.Module, batch) -> torch.Tensor:
     return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
 
+def build_step(args, topo: td.Topology, model: nn.Module):
+    """Model transforms in torchtitan's order, then the step transforms, composed inline."""
+    from torchdist.sharding import parallelize, replicate, shard
+    from torchdist.transforms import checkpoint_activations
+    from torchdist.transforms import compile as compile_step
+
+    if args.parallel == "tp":
+        model = parallelize(model, topo, TP_PLAN)
+    if args.checkpoint_activations:
+        model = checkpoint_activations(model)
+    if args.parallel == "shard":
+        model = shard(model, topo)
+    elif args.parallel == "replicate":
+        model = replicate(model, topo)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1)))
+    )
+    transforms = [optimize(opt, sched), clip_grads(1.0), sync_grads(topo)]
+    if args.accumulate > 1:
+        transforms.append(accumulate(args.accumulate))
+    if args.precision == "bf16":
+        transforms.append(autocast(torch.bfloat16))
+    if args.compile:
+        transforms.append(compile_step())
+    step = compose(*transforms)(value_and_grad(loss_fn))
+    return model, opt, sched, step
+
+
+def save_loss_curve(path: str, losses: list[tuple[int, float]]) -> None:
+    """A dependency-free SVG line plot of (step, loss)."""
+    w, h, pad = 640, 360, 40
+    steps, values = zip(*losses)
+    lo, hi = min(values), max(values)
+    x = lambda s: pad + (w - 2 * pad) * (s - steps[0]) / max(steps[-1] - steps[0], 1)
+    y = lambda v: h - pad - (h - 2 * pad) * (v - lo) / max(hi - lo, 1e-9)
+    points = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in losses)
+    svg = (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">'
+        f'<rect width="100%" height="100%" fill="white"/>'
+        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>'
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>'
+        f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{points}"/>'
+        f'<text x="{w / 2}" y="{h - 8}" text-anchor="middle">step</text>'
+        f'<text x="{pad}" y="{pad - 10}">loss {hi:.3f}</text>'
+        f'<text x="{pad}" y="{h - pad + 15}">{lo:.3f}</text>'
+        f'<text x="{w - pad}" y="{h - pad + 15}" text-anchor="end">{steps[-1]}</text></svg>'
+    )
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(path).write_text(svg)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--parallel", choices=("shard", "replicate", "tp", "sync"), default="shard",
+                        help="shard (FSDP2), replicate (DDP), tp (tensor parallel) or sync (plain "
+                        "model + sync_grads)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--accumulate", type=int, default=1)
-    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--checkpoint-activations", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument("--loss-curve", default="runs/loss_curve.svg")
     args = parser.parse_args()
 
-    topo = td.Topology.from_env(device="cpu")
+    axes = {"tp": -1} if args.parallel == "tp" else {}
+    if args.parallel == "replicate":
+        axes = {"dp_replicate": -1, "dp_shard": 1}
+    topo = td.Topology.from_env(device="cpu", **axes)
     with td.distributed(topo) as topo:
-        td.print0(topo, f"world {topo.world_size} ranks, mesh {topo.axes}, device {topo.device}")
+        td.print0(topo, f"world {topo.world_size}, mesh {topo.axes}, {args.parallel}, {args.precision}")
         td.set_seed(args.seed)
         model = td.to_device(GPT(dim=args.dim, layers=args.layers, seq=args.seq), topo)
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / args.steps))
-        )
-        transforms = [optimize(opt, sched), clip_grads(1.0), sync_grads(topo)]
-        if args.accumulate > 1:
-            transforms.append(accumulate(args.accumulate))
-        if args.bf16:
-            transforms.append(autocast(torch.bfloat16))
-        step = compose(*transforms)(value_and_grad(loss_fn))
-
+        model, opt, sched, step = build_step(args, topo, model)
         corpus = load_corpus()
         state = td.TrainState(model=model, optimizer=opt, scheduler=sched)
-        tokens_per_step = args.batch * args.seq
-        start = last = time.perf_counter()
-        for i in range(args.steps):
+        bar = td.progress(range(args.steps), topo, tokens_per_step=args.batch * args.seq,
+                          every=args.log_every, use_tqdm=False)
+        losses, start = [], time.perf_counter()
+        for i in bar:
             x, y = global_batch(corpus, i, args.batch, args.seq, args.seed)
             mine = td.split_between_ranks({"x": x, "y": y}, topo, axis="dp")
             state, metrics = step(state, td.to_device((mine["x"], mine["y"]), topo))
             if (i + 1) % args.log_every == 0 or i + 1 == args.steps:
                 m = td.all_reduce(metrics, topo, op="mean", axis="dp")  # reduced only when logged
-                now = time.perf_counter()
-                rate = tokens_per_step * args.log_every / (now - last)
-                td.print0(
-                    topo,
-                    f"step {i + 1:4d}/{args.steps}  loss {m['loss'].item():.4f}  "
-                    f"grad_norm {m['grad_norm'].item():.3f}  {rate:,.0f} tokens/s",
-                    flush=True,
-                )
-                last = now
-        final = td.all_reduce(metrics["loss"], topo, op="mean", axis="dp").item()
-        td.print0(topo, f"done: {args.steps} steps in {time.perf_counter() - start:.1f} s, final loss {final:.4f}")
+                losses.append((i + 1, m["loss"].item()))
+                bar.log(loss=m["loss"], grad_norm=m["grad_norm"])
+        td.print0(topo, f"done: {args.steps} steps in {time.perf_counter() - start:.1f} s, "
+                        f"final loss {losses[-1][1]:.4f}")
+        if td.is_main(topo) and args.loss_curve:
+            save_loss_curve(args.loss_curve, losses)
+            print(f"loss curve: {args.loss_curve}")
 
 
 if __name__ == "__main__":

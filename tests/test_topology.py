@@ -73,6 +73,15 @@ def test_cuda_device_without_cuda_raises(device):
         Topology(device=device)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_device_beyond_the_count_raises():
+    count = torch.cuda.device_count()
+    assert Topology(device="cuda:0").backend == "nccl"
+    with pytest.raises(TopologyError, match=rf"cuda:{count} does not exist.*{count} CUDA device"):
+        Topology(device=f"cuda:{count}")
+
+
 def test_from_env_unknown_axis_raises():
     with pytest.raises(TopologyError, match=r"unknown mesh axis \['foo'\]; the axes are"):
         Topology.from_env(foo=2, env={})
@@ -227,7 +236,7 @@ def test_coordinates_and_groups_of_every_rank_2x2x2(axes):
     }
     for r, topo in enumerate(topos):
         (found,) = (mesh == r).nonzero().tolist()
-        expected_coords = dict(zip(AXES, found))
+        expected_coords = dict(zip(AXES, found, strict=True))
         assert topo.coords() == expected_coords
         assert topos[0].coords(r) == expected_coords  # the same from any rank's view
         for axis, names in group_axes.items():
@@ -239,8 +248,12 @@ def test_coordinates_and_groups_of_every_rank_2x2x2(axes):
         assert topo.dp_rank() == _expected_group(mesh, tuple(found), group_axes["dp"]).index(r)
 
     for axis, names in group_axes.items():
-        groups = sorted({_expected_group(mesh, tuple((mesh == r).nonzero()[0].tolist()), names)
-                         for r in range(8)})  # fmt: skip
+        groups = sorted(
+            {
+                _expected_group(mesh, tuple((mesh == r).nonzero()[0].tolist()), names)
+                for r in range(8)
+            }
+        )
         assert topos[0].all_groups(axis) == tuple(groups)
         # every rank in exactly one group
         assert sorted(itertools.chain.from_iterable(groups)) == list(range(8))
@@ -266,10 +279,10 @@ def test_groups_of_dp_replicate_dp_shard_tp_explicitly():
 
 def test_from_env_without_variables_is_single_process():
     topo = Topology.from_env(env={})
-    assert topo == Topology.single()
+    expected_device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert topo == Topology.single(device=expected_device)
     assert (topo.world_size, topo.rank, topo.local_rank, topo.local_world_size) == (1, 0, 0, 1)
-    expected_device = "cuda" if torch.cuda.is_available() else "cpu"
-    assert topo.device.type == expected_device
+    assert topo.device == torch.device(expected_device)
     assert not topo.is_live
     assert not topo.agent_store
 

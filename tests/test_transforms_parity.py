@@ -29,7 +29,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import torchdist as td
-from torchdist.transforms import accumulate, clip_grads, compose, optimize, sync_grads, value_and_grad
+from torchdist.transforms import (
+    accumulate,
+    clip_grads,
+    compose,
+    optimize,
+    sync_grads,
+    value_and_grad,
+)
 
 STEPS = 5
 GLOBAL_BATCH = 32
@@ -88,7 +95,7 @@ def train_by_hand(model, batches, config):
         if config == "plain":
             loss_fn(model, (x, y)).backward()
         else:
-            for mx, my in zip(x.chunk(2), y.chunk(2)):
+            for mx, my in zip(x.chunk(2), y.chunk(2), strict=True):
                 (loss_fn(model, (mx, my)) / 2).backward()
             norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
         opt.step()
@@ -106,9 +113,9 @@ def grads_of(model):
 
 def max_diff(a, b) -> float:
     assert len(a) == len(b)
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=True):
         assert u.shape == v.shape
-    return max((u - v).abs().max().item() for u, v in zip(a, b))
+    return max((u - v).abs().max().item() for u, v in zip(a, b, strict=True))
 
 
 def global_grads(model0, batch):
@@ -149,9 +156,9 @@ def test_sync_grads_training_matches_single_process(world, config):
     reference = copy.deepcopy(model0)
     _, ref_history = train(reference, batches, td.Topology.single(), config)
     for r, (params, history, info) in enumerate(results):
-        assert "steps_aside" not in info and info["buckets"] >= 1
         diff = max_diff(params, params_of(reference))
         assert diff <= ATOL, f"rank {r} drifted {diff:.2e} from single-process training"
+        assert "steps_aside" not in info and info["buckets"] >= 1
         if config == "accumulate_clip":  # every rank clips by the global norm
             torch.testing.assert_close(
                 torch.stack([m["grad_norm"] for m in history]),

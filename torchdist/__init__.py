@@ -39,7 +39,9 @@ from torchdist.errors import (
     TopologyError,
     TorchdistError,
 )
+from torchdist.metrics import MetricsLogger
 from torchdist.placement import to_device
+from torchdist.progress import progress
 from torchdist.runtime import distributed
 from torchdist.state import LossScale, TrainState
 from torchdist.topology import Topology
@@ -61,6 +63,8 @@ __all__ = [
     "pad_across_ranks",
     "gather_for_metrics",
     "to_device",
+    "progress",
+    "MetricsLogger",
     "is_main",
     "main_first",
     "barrier",
@@ -79,7 +83,7 @@ __all__ = [
     "DistributedTimeoutError",
 ]
 
-_LAZY_SUBMODULES = ("data", "transforms", "sharding", "precision", "checkpoint", "cli", "marks")
+_LAZY_SUBMODULES = ("data", "transforms", "sharding", "precision", "checkpoint", "cli", "marks", "memory", "blocks")
 
 
 def __getattr__(name: str) -> Any:

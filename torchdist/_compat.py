@@ -14,7 +14,6 @@ import torch
 __all__ = [
     "flatten_mesh",
     "install_thread_world",
-    "in_thread_world",
     "is_composable_ddp",
     "composable_replicate",
     "composable_checkpoint",
@@ -64,15 +63,39 @@ def install_thread_world(acquire_timeout: float) -> Callable[[], None]:
     return uninstall
 
 
-def composable_replicate(module, **ddp_kwargs):
+def composable_replicate(module, process_group, **ddp_kwargs):
     """DDP applied in place, keeping parameter names (``torch.distributed._composable.replicate``).
 
     The ``DistributedDataParallel`` wrapper would prefix every name with ``module.``; the
-    composable form makes the module itself a DDP subclass instead.
+    composable form makes the module itself a DDP subclass instead. The reducer is built here,
+    not lazily in the first forward.
+
+    torch 2.13's DDP constructor crashes (SIGSEGV in its C++ logger) when its process group is
+    wrapped by TORCH_DISTRIBUTED_DEBUG=DETAIL's ``_ProcessGroupWrapper``. DDP then gets its own
+    unwrapped gloo/nccl group over the same ranks, created with the debug level lowered to INFO.
+    In a real process the level is restored at once; in an in-process world (ranks as threads,
+    one process-wide level) it stays lowered until the world ends, because another rank may be
+    creating its group at that moment.
     """
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
     from torch.distributed._composable.replicate import replicate
 
-    return replicate(module, **ddp_kwargs)
+    backend = process_group._get_backend(torch.device("cpu") if dist.get_backend(process_group)
+                                         == "gloo" else torch.device("cuda"))  # fmt: skip
+    previous = dist.get_debug_level()
+    if type(backend).__name__ == "_ProcessGroupWrapper":
+        dist.set_debug_level(dist.DebugLevel.INFO)
+        process_group = dist.new_group(
+            dist.get_process_group_ranks(process_group), use_local_synchronization=True
+        )
+    try:
+        replicate(module, process_group=process_group, **ddp_kwargs)
+        replicate.state(module).lazy_init()
+    finally:
+        if type(c10d._world).__name__ != "ThreadLocalWorld":
+            dist.set_debug_level(previous)
+    return module
 
 
 def composable_checkpoint(module, **kwargs):
@@ -81,13 +104,6 @@ def composable_checkpoint(module, **kwargs):
     from torch.distributed._composable import checkpoint
 
     return checkpoint(module, **kwargs)
-
-
-def in_thread_world() -> bool:
-    """True inside an ``in_process`` world (torch's registry swapped for a thread-local one)."""
-    import torch.distributed.distributed_c10d as c10d
-
-    return type(c10d._world).__name__ == "ThreadLocalWorld"
 
 
 def is_composable_ddp(module) -> bool:

@@ -42,9 +42,15 @@ __all__ = [
 Over = Any  # Topology | DeviceMesh; kept loose so importing this module imports no mesh code
 Axis = str | Sequence[str] | None
 _MAX_DIMS = 8
-_DTYPES = (
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-    torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
+# Dtype codes for shape metadata; the order is part of the wire format, so only append.
+_DTYPES = tuple(
+    getattr(torch, name)
+    for name in (
+        "float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
+        "bool", "complex64", "complex128", "uint16", "uint32", "uint64", "complex32",
+        "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+    )
+    if hasattr(torch, name)
 )  # fmt: skip
 
 
@@ -113,7 +119,9 @@ def _metadata(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     for row, tensor in enumerate(tensors):
         if tensor.dim() > _MAX_DIMS:
             raise CollectiveError(f"tensors of more than {_MAX_DIMS} dims are not supported.")
-        meta[row, 0] = _DTYPES.index(tensor.dtype) if tensor.dtype in _DTYPES else -2
+        if tensor.dtype not in _DTYPES:
+            raise CollectiveError(f"torchdist cannot communicate tensors of dtype {tensor.dtype}.")
+        meta[row, 0] = _DTYPES.index(tensor.dtype)
         meta[row, 1] = tensor.dim()
         meta[row, 2 : 2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
     return meta
@@ -159,6 +167,39 @@ def _coalesced(tensors: list[torch.Tensor], run) -> list[torch.Tensor]:
     return out
 
 
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes (1-D uint8): collectives that only move data then work for
+    every dtype, including those gloo rejects (float8, uint32, ...)."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _from_bytes(data: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    return data.clone().view(dtype).view(shape)  # clone: aligned storage for the wider dtype
+
+
+def _moved_as_bytes(tensors: list[torch.Tensor], run) -> list[torch.Tensor]:
+    """Apply the in-place data-movement collective ``run(flat)`` once, to every tensor's bytes
+    packed into one uint8 buffer per device."""
+    out: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    by_device: dict[torch.device, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        by_device.setdefault(tensor.device, []).append(index)
+    for indices in by_device.values():
+        parts = [_as_bytes(tensors[i]) for i in indices]
+        flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+        run(flat)
+        offset = 0
+        for i, part in zip(indices, parts):
+            out[i] = _from_bytes(flat[offset : offset + part.numel()], tensors[i].dtype,
+                                 tuple(tensors[i].shape))  # fmt: skip
+            offset += part.numel()
+    return out
+
+
+_REDUCIBLE = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
+              torch.int32, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)  # fmt: skip
+
+
 # --------------------------------------------------------------------------- collectives
 def all_reduce(
     tree: Any,
@@ -183,6 +224,12 @@ def all_reduce(
     if op not in ops:
         raise CollectiveError(f"unknown reduction {op!r}; expected one of {list(ops)}.")
     leaves, treedef = _tensor_leaves(tree, "all_reduce")
+    for leaf in leaves:
+        if leaf.dtype not in _REDUCIBLE:
+            raise CollectiveError(
+                f"all_reduce cannot add or compare {leaf.dtype} tensors across ranks (the "
+                "backends have no arithmetic for it); cast to float32 first."
+            )
     if op == "mean":
         for leaf in leaves:
             if not (leaf.is_floating_point() or leaf.is_complex()):
@@ -207,7 +254,8 @@ def gather(tree: Any, over: Over, *, axis: Axis = None) -> Any:
     padding is left); 0-d tensors count as one row. Other dimensions and dtypes must agree.
 
     Communicates: one ``all_gather`` of shape metadata, then one ``all_gather_single``
-    per leaf (padded to the longest rank when lengths differ).
+    per leaf, of its bytes (so any dtype moves, float8 included), padded to the longest rank
+    when lengths differ.
 
     Example::
 
@@ -231,8 +279,10 @@ def gather(tree: Any, over: Over, *, axis: Axis = None) -> Any:
         if leaf.shape[0] < longest:
             pad = leaf.new_zeros((longest - leaf.shape[0], *leaf.shape[1:]))
             leaf = torch.cat([leaf, pad])
-        buffer = leaf.new_empty((size * longest, *leaf.shape[1:]))
-        dist.all_gather_single(buffer, leaf, group=group)
+        data = _as_bytes(leaf)
+        received = data.new_empty(size * data.numel())
+        dist.all_gather_single(received, data, group=group)
+        buffer = _from_bytes(received, leaf.dtype, (size * longest, *leaf.shape[1:]))
         if len(set(lengths)) == 1:
             out.append(buffer)
         else:
@@ -247,7 +297,7 @@ def _check_same(rows: torch.Tensor, index: int, *, skip_first_dim: bool) -> None
         compare[:, 2] = 0
     if not bool((compare == compare[0]).all()):
         def describe(row):
-            dtype = _DTYPES[int(row[0])] if int(row[0]) >= 0 else "?"
+            dtype = _DTYPES[int(row[0])]
             return f"{dtype}{tuple(int(d) for d in row[2 : 2 + int(row[1])])}"
 
         found = ", ".join(f"rank {r}: {describe(row)}" for r, row in enumerate(rows))
@@ -286,8 +336,9 @@ def broadcast(tree: Any, over: Over, *, src: int = 0, axis: Axis = None) -> Any:
     Other ranks pass a tree of the same structure; their leaves' values, shapes and dtypes are
     replaced by ``src``'s (so a placeholder works). Returns new objects.
 
-    Communicates: one ``broadcast`` of tensor metadata, one ``broadcast`` per tensor dtype
-    (packed), and one ``broadcast_object_list`` when the tree has non-tensor leaves.
+    Communicates: one ``broadcast`` of tensor metadata, one ``broadcast`` of every tensor's
+    bytes packed into one buffer (so any dtype moves, float8 included), and one
+    ``broadcast_object_list`` when the tree has non-tensor leaves.
     """
     import torch.distributed as dist
 
@@ -319,7 +370,7 @@ def broadcast(tree: Any, over: Over, *, src: int = 0, axis: Axis = None) -> Any:
                         dtype=_DTYPES[int(row[0])], device=device)
             for row in meta
         ]  # fmt: skip
-    tensors = _coalesced(tensors, lambda flat: dist.broadcast(flat, group_src=src, group=group))
+    tensors = _moved_as_bytes(tensors, lambda flat: dist.broadcast(flat, group_src=src, group=group))
     objects = [x for x, t in zip(leaves, is_tensor) if not t]
     if objects:
         dist.broadcast_object_list(objects, group_src=src, group=group)

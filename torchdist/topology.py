@@ -47,7 +47,7 @@ from torchdist.errors import TopologyError
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["Topology", "AXES", "ALIASES"]
+__all__ = ["Topology", "AXES", "ALIASES", "parse_mesh"]
 
 #: Mesh axes, outermost first.
 AXES: tuple[str, ...] = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
@@ -184,7 +184,9 @@ class Topology:
         ``MASTER_ADDR``, ``MASTER_PORT``, ``TORCHELASTIC_USE_AGENT_STORE``, or Open MPI's
         ``OMPI_COMM_WORLD_*``, or MPICH's ``PMI_SIZE``/``PMI_RANK``. ``device`` defaults to
         ``cuda:<local_rank>`` when CUDA is available, else the CPU. ``axes`` are mesh axis sizes
-        (``dp_shard=-1, tp=2``). ``env`` replaces ``os.environ`` (for tests).
+        (``dp_shard=-1, tp=2``); when none are given, ``TORCHDIST_MESH`` (set by
+        ``torchdist launch --mesh dp_shard=2,tp=2``) supplies them. ``env`` replaces
+        ``os.environ`` (for tests).
 
         Example::
 
@@ -197,11 +199,13 @@ class Topology:
                 f"For the data-parallel axis use dp_shard (FSDP) or dp_replicate (DDP)."
             )
         env = os.environ if env is None else env
+        if not axes and env.get("TORCHDIST_MESH"):
+            axes = parse_mesh(env["TORCHDIST_MESH"])
         world, rank, local_rank, local_world = _read_launcher(env)
         if device is None:
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
         port = env.get("MASTER_PORT", "29500")
-        if not port.isdigit():
+        if not (port.isascii() and port.isdigit()):
             raise TopologyError(f"MASTER_PORT={port!r} is not a port number.")
         return cls(
             world_size=world,
@@ -333,6 +337,23 @@ class Topology:
         return dataclasses.replace(self, **changes)
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """``"dp_shard=2,tp=2"`` -> ``{"dp_shard": 2, "tp": 2}`` (the ``--mesh`` syntax)."""
+    axes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, size = part.partition("=")
+        name = name.strip()
+        if name not in AXES:
+            raise TopologyError(f"unknown mesh axis {name!r} in {text!r}; the axes are {list(AXES)}.")
+        try:
+            axes[name] = int(size)
+        except ValueError:
+            raise TopologyError(
+                f"mesh axis {part!r} in {text!r} has no integer size; write e.g. dp_shard=2,tp=2."
+            ) from None
+    return axes
+
+
 def _fmt(sizes: Mapping[str, int | None]) -> str:
     return "{" + ", ".join(f"{k}={v}" for k, v in sizes.items()) + "}"
 
@@ -353,7 +374,7 @@ def _read_launcher(env: Mapping[str, str]) -> tuple[int, int, int, int]:
             raw = env.get(name)
             if raw is None:
                 values.append(None)
-            elif raw.strip().isdigit():
+            elif raw.strip().isascii() and raw.strip().isdigit():
                 values.append(int(raw))
             else:
                 raise TopologyError(f"{name}={raw!r} is not a non-negative integer.")

@@ -22,7 +22,9 @@ Only one in-process world runs at a time. A hung rank thread cannot be killed; i
 collective times out.
 
 Both set ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` (``debug="DETAIL"``) so that gloo reports a
-mismatched collective at once; pass ``debug="OFF"`` for timing.
+mismatched collective at once; pass ``debug="OFF"`` for timing. torch 2.13's own
+``DistributedDataParallel`` constructor crashes on CPU under DETAIL: a rank function that builds
+DDP by hand needs ``debug="INFO"`` (``torchdist.sharding.replicate`` works either way).
 
 Example::
 

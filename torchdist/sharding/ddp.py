@@ -5,9 +5,10 @@ Every rank holds the whole model; gradients are all-reduced in buckets that over
 the module keeps its class's behaviour and its parameter names (no ``module.`` prefix) and
 checkpoints stay portable. ``accumulate`` uses DDP's ``no_sync`` on micro-steps.
 
-In an ``in_process`` world (ranks as threads) torch 2.13's DDP crashes under
-``TORCH_DISTRIBUTED_DEBUG=DETAIL``; ``replicate`` refuses that combination with a clear error:
-start such a world with ``debug="INFO"``.
+torch 2.13's DDP constructor crashes on CPU when its process group was created under
+``TORCH_DISTRIBUTED_DEBUG=DETAIL``; ``replicate`` then gives DDP its own group over the same
+ranks, created at debug level INFO (see ``torchdist._compat.composable_replicate``). A hand-built
+``DistributedDataParallel`` needs ``spawn(..., debug="INFO")``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from torchdist._compat import composable_replicate, in_thread_world
+from torchdist._compat import composable_replicate
 from torchdist.errors import ShardingError
 from torchdist.marks import mark
 from torchdist.sharding._common import check_has_parameters, check_not_applied, resolve_mesh
@@ -35,7 +36,7 @@ def replicate(model: nn.Module, mesh: Any, *, bucket_mb: float = 25.0) -> nn.Mod
 
     Communicates: an asynchronous all-reduce per ~``bucket_mb`` MB bucket of gradients during
     the backward (averaged over the group), and a broadcast of rank 0's parameters and buffers
-    at the first forward so every replica starts equal.
+    when applied, so every replica starts equal.
 
     Example::
 
@@ -54,15 +55,6 @@ def replicate(model: nn.Module, mesh: Any, *, bucket_mb: float = 25.0) -> nn.Mod
             f"replicate needs a 1-D mesh, got {dp_mesh.ndim}-D {dp_mesh.mesh_dim_names}; pass "
             "the topology (its 'dp' axis is used) or one axis of the mesh."
         )
-    import torch.distributed as dist
-
-    if in_thread_world() and dist.get_debug_level() == dist.DebugLevel.DETAIL:
-        # torch 2.13's DDP logger crashes (SIGSEGV) when ranks are threads and the debug level
-        # is DETAIL; refuse with the fix rather than take the process down.
-        raise ShardingError(
-            "replicate (DDP) in an in-process world cannot run with TORCH_DISTRIBUTED_DEBUG="
-            "DETAIL (torch's DDP logger crashes when ranks are threads). Start the world with "
-            "td.in_process(fn, n, debug='INFO'), or use td.spawn for real processes."
-        )
     composable_replicate(model, process_group=dp_mesh.get_group(), bucket_cap_mb=bucket_mb)
     return mark(model, "replicate")
+

@@ -51,7 +51,7 @@ def autocast(
         info["dtype"] = str(dtype)
 
         def step(state: TrainState, batch: Any):
-            ctx = state.context.replace(autocast_dtype=dtype)
+            ctx = state.context.replace(autocast_dtype=dtype, found_inf=None)
             if dtype == torch.float16:
                 scaler = state.scaler
                 if scaler is None:

@@ -79,7 +79,7 @@ def _check_wrap(name: str, phase: Phase, inner: tuple[tuple[str, Phase], ...]) -
 
 def _why(outer: str, inner: str) -> str:
     reasons = {
-        ("clip_grads", "sync_grads"): "Gradients must be synced across ranks before they are "
+        ("sync_grads", "clip_grads"): "Gradients must be synced across ranks before they are "
         "clipped, or each rank clips by a different norm. ",
         ("accumulate", "optimize"): "accumulate runs its inner step on every micro-batch; with "
         "optimize inside, the optimizer would step on every micro-batch. ",

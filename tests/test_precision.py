@@ -1,0 +1,233 @@
+"""torchdist.precision on one process: fp8 conversion, recipes, convergence, errors.
+
+Conversion is checked against the filter's own choice on a small GPT-style model
+(``_precision_models.GPT``). Convergence: 50 steps of each fp8 recipe must end within 5% of the
+same run in bf16 (``autocast(torch.bfloat16)``), from the same initialisation and batches. Every
+error the precision transforms raise has a test; a missing torchao is simulated by hiding it in
+``sys.modules`` (``None`` there makes ``import`` fail), restored afterwards. Low-bit optimizers
+and MS-AMP are in ``test_precision_optim.py``, multi-rank checks in ``test_precision_dist.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from _precision_models import DEFAULT_FP8_LAYERS, build_gpt, loss_fn, markov_batches
+
+import torchdist as td
+from torchdist.marks import after_optimizer_step_hooks, applied
+from torchdist.precision import Float8Recipe, autocast_fp8, converted_layers, fp8_compatible
+from torchdist.transforms import autocast, checkpoint_activations, compose, optimize, value_and_grad
+
+torchao = pytest.importorskip("torchao")
+from torchao.float8.float8_linear import Float8Linear  # noqa: E402
+
+RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+STEPS, BATCH, SEQ, LR = 50, 8, 32, 3e-3
+
+
+def fp8_modules(model: nn.Module) -> tuple[str, ...]:
+    return tuple(n for n, m in model.named_modules() if isinstance(m, Float8Linear))
+
+
+def hide_torchao(monkeypatch) -> None:
+    for name in [m for m in sys.modules if m == "torchao" or m.startswith("torchao.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "torchao", None)
+
+
+# --------------------------------------------------------------------------- recipes
+def test_import_does_not_load_torchao():
+    code = (
+        "import sys, torchdist, torchdist.precision as p; p.Float8Recipe.rowwise(); "
+        "print([m for m in sys.modules if m.split('.')[0] in ('torchao', 'msamp', "
+        "'transformer_engine')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipes_map_onto_torchao_configs(name):
+    from torchao.float8 import Float8LinearConfig
+
+    recipe = getattr(Float8Recipe, name)()
+    expected = Float8LinearConfig.from_recipe_name(name)
+    if name == "tensorwise":  # the one recipe with an fp8 all-gather, on by default
+        assert recipe.fsdp_float8_all_gather
+        expected = Float8LinearConfig(enable_fsdp_float8_all_gather=True)
+    assert recipe.to_torchao() == expected
+    assert recipe == getattr(Float8Recipe, name)() and hash(recipe) == hash(getattr(Float8Recipe, name)())
+    with pytest.raises(Exception):
+        recipe.min_features = 3  # frozen
+
+
+def test_recipe_validation_names_the_fix():
+    with pytest.raises(td.CompositionError, match="only the tensorwise recipe"):
+        Float8Recipe("rowwise", fsdp_float8_all_gather=True)
+    with pytest.raises(td.CompositionError, match=r"unknown recipe 'blockwise'.*tensorwise\(\)"):
+        Float8Recipe("blockwise")
+    with pytest.raises(td.CompositionError, match="predicate over"):
+        Float8Recipe.rowwise(filter="blocks")
+    with pytest.raises(td.CompositionError, match="min_features"):
+        Float8Recipe.rowwise(min_features=-1)
+    with pytest.raises(td.CompositionError, match="takes a Float8Recipe"):
+        autocast_fp8(build_gpt(), "tensorwise")
+
+
+# --------------------------------------------------------------------------- conversion
+@pytest.mark.parametrize("name", RECIPES)
+def test_default_filter_converts_exactly_its_choice(name):
+    model = build_gpt()
+    recipe = getattr(Float8Recipe, name)()
+    assert recipe.select(model) == DEFAULT_FP8_LAYERS  # pure: nothing converted yet
+    assert fp8_modules(model) == ()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = autocast_fp8(model, recipe)
+    assert out is model and applied(model) == ("autocast_fp8",)
+    assert converted_layers(model) == fp8_modules(model) == DEFAULT_FP8_LAYERS
+    skipped = {"blocks.0.qkv", "adapter_down", "adapter_up", "head"}  # first, 24-wide, last
+    assert {n for n, m in model.named_modules() if type(m) is nn.Linear} == skipped
+    after = dict(model.named_parameters())  # names and values unchanged
+    assert after.keys() == before.keys()
+    for n, p in after.items():
+        local = p._tensor if hasattr(p, "_tensor") else p
+        assert torch.equal(local.detach(), before[n]), n
+    assert "blocks.1.up" in str(converted_layers(model))  # printable as is
+
+
+def test_custom_predicate_and_min_features_are_respected():
+    by_name = Float8Recipe.rowwise(filter=lambda name, m: name.endswith(".up") or name == "adapter_down")
+    model = autocast_fp8(build_gpt(), by_name)
+    # The predicate alone decides: the 24-wide adapter too (torch._scaled_mm on CPU accepts it).
+    assert converted_layers(model) == fp8_modules(model) == ("blocks.0.up", "blocks.1.up", "adapter_down")
+    model(markov_batches(1, 2, SEQ)[0][0]).sum().backward()
+    # min_features: both in and out features must reach it (every Linear here has a 64 side).
+    assert Float8Recipe.tensorwise(min_features=65).select(build_gpt()) == ()
+    assert Float8Recipe.tensorwise(min_features=64).select(build_gpt()) == DEFAULT_FP8_LAYERS
+    keep_edges = Float8Recipe.tensorwise(skip_first_last=False).select(build_gpt())
+    assert keep_edges == ("blocks.0.qkv",) + DEFAULT_FP8_LAYERS + ("head",)  # 64 -> 64: divisible
+    assert fp8_compatible(nn.Linear(32, 48)) and not fp8_compatible(nn.Linear(24, 48))
+    assert not fp8_compatible(nn.Linear(32, 48), min_features=64) and not fp8_compatible(nn.ReLU())
+
+
+def test_a_recipe_that_selects_nothing_is_an_error():
+    with pytest.raises(td.CompositionError, match="the filter selected none"):
+        autocast_fp8(build_gpt(), Float8Recipe.tensorwise(filter=lambda n, m: "nope" in n))
+    small = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    with pytest.raises(td.CompositionError, match="skips the first and last Linear"):
+        autocast_fp8(small)
+    assert applied(small) == () and not fp8_modules(small)
+
+
+# --------------------------------------------------------------------------- order errors
+def test_twice_raises_naming_the_order():
+    model = autocast_fp8(build_gpt())
+    with pytest.raises(td.CompositionError, match=r"autocast_fp8 after autocast_fp8.*apply autocast_fp8 once.*autocast_fp8 -> parallelize"):
+        autocast_fp8(model, Float8Recipe.rowwise())
+    assert converted_layers(model) == DEFAULT_FP8_LAYERS  # unchanged
+
+
+def test_after_checkpoint_activations_raises():
+    model = checkpoint_activations(build_gpt())
+    with pytest.raises(td.CompositionError, match="after checkpoint_activations.*first to last: autocast_fp8"):
+        autocast_fp8(model)
+
+
+def test_torchao_float8_done_by_hand_is_refused():
+    from torchao.float8 import convert_to_float8_training
+
+    model = convert_to_float8_training(build_gpt(), module_filter_fn=lambda m, fqn: fqn == "blocks.1.up")
+    with pytest.raises(td.CompositionError, match="already torchao Float8Linear"):
+        autocast_fp8(model)
+
+
+def test_after_shard_raises_naming_the_order():
+    def rank(topo):
+        model = td.sharding.shard(build_gpt(), topo)
+        with pytest.raises(td.CompositionError, match=r"autocast_fp8 after shard.*autocast_fp8 -> parallelize -> checkpoint_activations -> shard"):
+            autocast_fp8(model)
+        from torch.distributed.fsdp import fully_shard
+
+        by_hand = fully_shard(build_gpt(), mesh=topo.submesh("dp_shard"))
+        with pytest.raises(td.CompositionError, match="after fully_shard"):
+            autocast_fp8(by_hand)
+        return True
+
+    assert td.in_process(rank, 1) == [True]
+
+
+def test_missing_torchao_raises_an_import_error_naming_the_extra(monkeypatch):
+    model = build_gpt()
+    hide_torchao(monkeypatch)
+    with pytest.raises(ImportError, match=r"pip install 'torchdist\[fp8\]'"):
+        autocast_fp8(model, Float8Recipe.rowwise())
+    assert applied(model) == () and converted_layers(model) == ()  # nothing half-done
+    with pytest.raises(ImportError, match=r"low_bit_adamw.*torchdist\[fp8\]"):
+        td.precision.low_bit_adamw(model.parameters())
+
+
+def test_transformer_engine_missing_raises_with_install_line():
+    try:  # TE is CUDA-only and not installed in CI
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("transformer_engine is installed here")
+    recipe = Float8Recipe.transformer_engine(amax_history_len=8)
+    assert dict(recipe.options)["amax_history_len"] == 8
+    model = build_gpt()
+    with pytest.raises(ImportError, match=r"transformer_engine\[pytorch\].*Float8Recipe.tensorwise"):
+        autocast_fp8(model, recipe)
+    assert applied(model) == ()
+
+
+# --------------------------------------------------------------------------- hooks
+def test_tensorwise_registers_the_scale_precompute_and_copies_rebind_it():
+    model = autocast_fp8(build_gpt(), Float8Recipe.tensorwise())
+    (hook,) = after_optimizer_step_hooks(model)
+    assert hook.model is model and "precompute" in repr(hook)
+    hook()  # a no-op until the model is sharded
+    clone = copy.deepcopy(model)
+    (clone_hook,) = after_optimizer_step_hooks(clone)
+    assert clone_hook.model is clone and converted_layers(clone) == DEFAULT_FP8_LAYERS
+    for name in ("rowwise", "rowwise_with_gw_hp"):  # no fp8 all-gather, no scales to precompute
+        assert after_optimizer_step_hooks(autocast_fp8(build_gpt(), getattr(Float8Recipe, name)())) == ()
+    no_gather = autocast_fp8(build_gpt(), Float8Recipe.tensorwise(fsdp_float8_all_gather=False))
+    assert after_optimizer_step_hooks(no_gather) == ()
+
+
+# --------------------------------------------------------------------------- convergence
+MODEL0 = build_gpt(seed=0)
+BATCHES = markov_batches(STEPS, BATCH, SEQ, seed=1)
+
+
+@functools.cache
+def train(kind: str) -> tuple[float, ...]:
+    """Losses of 50 AdamW steps from MODEL0 on BATCHES: "fp32", "bf16" (autocast) or a recipe."""
+    model, forward = copy.deepcopy(MODEL0), []
+    if kind == "bf16":
+        forward = [autocast(torch.bfloat16)]
+    elif kind != "fp32":
+        model = autocast_fp8(model, getattr(Float8Recipe, kind)())
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    step = compose(optimize(opt), *forward)(value_and_grad(loss_fn))
+    state, losses = td.TrainState(model=model, optimizer=opt), []
+    for batch in BATCHES:
+        state, metrics = step(state, batch)
+        losses.append(metrics["loss"].item())
+    return tuple(losses)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_fp8_converges_within_5_percent_of_bf16(name):
+    fp8, bf16 = train(name), train("bf16")
+    assert bf16[-1] < 0.6 * bf16[0]  # the reference itself learned (4.2 -> ~1.7 nats)
+    assert abs(fp8[-1] - bf16[-1]) <= 0.05 * bf16[-1], (fp8[-1], bf16[-1])
+    assert fp8 != train("fp32")  # and fp8 really ran: not the fp32 trajectory

@@ -1,0 +1,326 @@
+"""`save` / `load`: a whole training state through torch.distributed.checkpoint (DCP).
+
+What goes where, in ``<root>/step_<step:08d>/``:
+
+* ``.metadata`` and ``__<rank>_<n>.distcp``: model and optimizer, written by DCP, each rank its
+  own shards (a replicated tensor is written once). The state dicts come from
+  ``torch.distributed.checkpoint.state_dict.get_state_dict``, which gives the same
+  fully-qualified names for a plain, ``replicate``d (composable DDP), ``shard``ed (FSDP2) or
+  tensor-parallel model, so a checkpoint loads at another world size or mesh: DCP reads the
+  slices each rank now owns (4 -> 2, 2 -> 1, 1 -> 2 ranks). With no optimizer in the
+  ``TrainState``, only the model is saved, or loaded (a checkpoint's optimizer state is then
+  ignored: loading weights for evaluation is a whole, deliberate choice).
+* ``extras/rank_<rank>.pt``: per rank, ``TrainState.step``, its RNG states (torch CPU, CUDA,
+  Python ``random``, NumPy), the scheduler's and loss scale's state, ``TrainState.extra`` and
+  the loader's position; see ``_extras``. Loaded with ``torch.load(weights_only=True)``. On a
+  load at another world size, rank ``r`` takes rank ``r``'s file if the saving job had a rank
+  ``r``, else rank 0's: new ranks then start from rank 0's RNG state. The loader's position
+  is global, so it resumes correctly at any world size.
+* ``torchdist_checkpoint.json``: the completion marker (see ``_layout``).
+
+**Atomic.** Everything is written into ``step_X.tmp-<token>`` (the token chosen by rank 0 and
+shared), and only when every rank has written does rank 0 write the marker and rename the
+directory to ``step_X``. A job killed mid-save leaves the ``.tmp-`` directory, which ``load``
+ignores; ``keep=k`` then deletes all but the newest ``k`` complete checkpoints, and leftovers of
+interrupted saves. Saving a step that already exists replaces it.
+
+**Checked before anything is read into the model** (``CheckpointError``, the same on every
+rank): the directory is a complete checkpoint of a format this torchdist reads; every file has
+the size the marker recorded (truncation); the DCP metadata lists exactly the keys the model
+and optimizer expect (missing and unexpected keys by name) with the same global shapes; the
+per-rank state matches the ``TrainState`` (a scheduler and loss scale exactly when the saved run
+had them, a loader state when a loader is passed). A file that is damaged in a way only reading
+reveals surfaces as DCP's read error, wrapped. No partial load: a failed check leaves the
+model, optimizer, RNG and loader untouched. Payload bytes are not checksummed (it would cost a
+pass over every byte); a flipped bit inside a tensor's data is not detected.
+
+**Untrusted checkpoints.** DCP's ``.metadata`` is a pickle. We never ``pickle.load`` it freely:
+it is read with an unpickler that resolves only DCP's metadata classes, and non-tensor values
+(optimizer hyperparameters) with ``torch.load(weights_only=True)``, so a crafted checkpoint
+cannot run code (see ``_safe``). It can still describe absurd shapes or wrong offsets. Load
+checkpoints you trust, or verify a published checksum of the directory first.
+
+Example::
+
+    state = td.TrainState(model=model, optimizer=opt, scheduler=sched)
+    state = checkpoint.load(ckpt_dir, state, topo, loader=loader)   # newest complete step
+    for batch in loader:
+        state, metrics = step(state, batch)
+        if state.step % 1000 == 0:
+            checkpoint.save(ckpt_dir, state, topo, loader=loader, keep=3)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from torchdist.checkpoint import _extras, _layout
+from torchdist.checkpoint._safe import SafeFileSystemReader, SafeLoadPlanner, read_metadata
+from torchdist.collectives import broadcast, gather_object
+from torchdist.errors import CheckpointError
+from torchdist.state import TrainState
+from torchdist.topology import Topology
+
+__all__ = ["save", "load"]
+
+_LISTED = 12  # names shown per kind of mismatch before "and N more"
+
+
+def save(
+    path: str | os.PathLike,
+    state: TrainState,
+    topo: Topology,
+    *,
+    loader: Any = None,
+    keep: int | None = None,
+) -> str:
+    """Write ``state`` (and ``loader``'s position) to ``path/step_<state.step>``; return that path.
+
+    Every rank must call it. ``keep=k`` deletes all but the newest ``k`` complete checkpoints
+    under ``path`` afterwards.
+
+    Communicates: one ``all_gather_object`` (each rank's readiness, rank 0's token), DCP's own
+    collectives (plan gather/scatter, write results gathered on rank 0), one ``broadcast``
+    of rank 0's outcome (so every rank raises if finishing failed).
+    """
+    if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
+        raise CheckpointError(f"keep must be None or an int >= 1, got {keep!r}.")
+    if not isinstance(state, TrainState):
+        raise CheckpointError(f"save needs a TrainState, got {type(state).__name__}.")
+    import torch.distributed.checkpoint as dcp
+
+    root = os.fspath(path)
+    final = os.path.join(root, _layout.step_dirname(int(state.step)))
+    try:
+        extras, error = _extras.serialize(_extras.pack(state, topo, loader)), ""
+    except CheckpointError as exc:
+        extras, error = b"", str(exc)
+    token = secrets.token_hex(6) if topo.rank == 0 else ""
+    replies = gather_object([(error, token)], topo)
+    _raise_first([e for e, _ in replies], "save")
+    tmp = f"{final}.tmp-{replies[0][1]}"
+
+    extras_file = _extras.extras_path(tmp, topo.rank)
+    os.makedirs(os.path.dirname(extras_file), exist_ok=True)
+    with open(extras_file, "wb") as f:
+        f.write(extras)
+        f.flush()
+        os.fsync(f.fileno())
+    # DCP returns on rank 0 only after every rank reported its writes done (its final gather),
+    # and every rank wrote its extras before entering it: no barrier needed before finishing.
+    with _quiet_single_process(topo):
+        dcp.save(
+            _state_dicts(state),
+            storage_writer=dcp.FileSystemWriter(tmp),
+            no_dist=not topo.is_live,
+        )
+    outcome = {"error": ""}
+    if topo.rank == 0:
+        contents = {
+            "optimizer": state.optimizer is not None,
+            "scheduler": state.scheduler is not None,
+            "scaler": state.scaler is not None,
+            "loader": loader is not None,
+            "torch": torch.__version__,
+        }
+        try:
+            _layout.finish(tmp, final, step=int(state.step), world_size=topo.world_size,
+                           mesh=topo.axes, contents=contents)  # fmt: skip
+            if keep is not None:
+                _layout.prune(root, keep)
+        except OSError as exc:
+            outcome["error"] = (
+                f"finishing checkpoint {final} failed: {exc}. The data is in {tmp}; check the "
+                "disk (space, permissions) and save again."
+            )
+    outcome = broadcast(outcome, topo)
+    _raise_first([outcome["error"]], "save")
+    return final
+
+
+def load(
+    path: str | os.PathLike,
+    state: TrainState,
+    topo: Topology,
+    *,
+    loader: Any = None,
+) -> TrainState:
+    """Restore ``state`` (and ``loader``) from ``path``; return the new ``TrainState``.
+
+    ``path`` is a checkpoint directory, or a directory of them: the newest complete one is
+    loaded. The model and optimizer in ``state`` are filled in place (freshly built ones are
+    fine, at any world size or mesh); step, scaler and ``extra`` come back in the returned
+    state; the scheduler, the loader and this process's RNGs are restored. Every rank must call it.
+
+    Communicates: one ``broadcast`` (rank 0 picks the checkpoint), one ``all_gather_object``
+    (every rank's checks agree before anything is read), then DCP's collectives.
+    """
+    if not isinstance(state, TrainState):
+        raise CheckpointError(f"load needs a TrainState, got {type(state).__name__}.")
+    import torch.distributed.checkpoint as dcp
+
+    chosen = {"dir": "", "error": ""}
+    if topo.rank == 0:
+        try:
+            chosen["dir"] = _layout.resolve(os.fspath(path))
+        except CheckpointError as exc:
+            chosen["error"] = str(exc)
+    chosen = broadcast(chosen, topo)
+    _raise_first([chosen["error"]], "load")
+    ckpt = chosen["dir"]
+
+    state_dicts = _state_dicts(state)
+    try:
+        marker = _layout.read_marker(ckpt)
+        _layout.check_files(marker)
+        _check_against_metadata(ckpt, state_dicts, optimizer=state.optimizer is not None)
+        extras, _ = _extras.read(ckpt, topo)
+        _extras.check(extras, state, loader)
+        error = ""
+    except CheckpointError as exc:
+        error = str(exc)
+    _raise_first(gather_object([error], topo), "load")
+
+    try:
+        with _quiet_single_process(topo):
+            dcp.load(
+                state_dicts,
+                storage_reader=SafeFileSystemReader(ckpt),
+                planner=SafeLoadPlanner(),
+                no_dist=not topo.is_live,
+            )
+    except (Exception, dcp.CheckpointException) as exc:  # noqa: BLE001 - a BaseException in DCP
+        raise CheckpointError(
+            f"reading checkpoint {ckpt} failed; a file is corrupted or unreadable: "
+            f"{_first_line(exc)}. Load an earlier checkpoint, or copy this one again from its "
+            "source."
+        ) from exc
+    _set_state_dicts(state, state_dicts)
+    return _extras.restore(state, extras, topo, loader)
+
+
+# --------------------------------------------------------------------------- state dicts
+def _state_dicts(state: TrainState) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if state.optimizer is None:
+        return {"model": get_model_state_dict(state.model)}
+    model_sd, optim_sd = get_state_dict(state.model, state.optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def _set_state_dicts(state: TrainState, state_dicts: dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    if state.optimizer is None:
+        set_model_state_dict(state.model, state_dicts["model"])
+    else:
+        set_state_dict(
+            state.model,
+            state.optimizer,
+            model_state_dict=state_dicts["model"],
+            optim_state_dict=state_dicts["optim"],
+        )
+
+
+def _flatten(state_dicts: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
+    """DCP's flattened key of every leaf, with its global shape (``None``: a non-tensor value).
+
+    Follows DCP's traversal (``_traverse.traverse_state_dict``): mappings are walked, lists
+    only when they hold tensors or mappings; keys are joined with dots.
+    """
+    out: dict[str, tuple[int, ...] | None] = {}
+
+    def terminal(value: Any) -> bool:
+        if isinstance(value, Mapping):
+            return False
+        if not isinstance(value, list):
+            return True
+        return not any(
+            isinstance(v, torch.Tensor) or (isinstance(v, (Mapping, list)) and not terminal(v))
+            for v in value
+        )
+
+    def walk(prefix: tuple, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(prefix + (str(k),), v)
+        elif terminal(value):
+            key = ".".join(map(str, prefix))
+            out[key] = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+        else:
+            for i, v in enumerate(value):
+                walk(prefix + (i,), v)
+
+    for key, value in state_dicts.items():
+        walk((str(key),), value)
+    return out
+
+
+def _check_against_metadata(ckpt: str, state_dicts: dict[str, Any], *, optimizer: bool) -> None:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    stored = read_metadata(ckpt).state_dict_metadata
+    expected = _flatten(state_dicts)
+    if optimizer and not any(k.startswith("optim.") for k in stored):
+        raise CheckpointError(
+            f"checkpoint {ckpt} holds no optimizer state (it was saved from a TrainState without "
+            "an optimizer), but the TrainState being loaded has one. Load with optimizer=None "
+            "to restore the model only, then build the optimizer. Nothing was loaded."
+        )
+    stored_keys = [k for k in stored if optimizer or k.startswith("model.")]
+    # Listed in state-dict order (parameters before optimizer state before hyperparameters).
+    missing = [k for k in expected if k not in stored]
+    unexpected = [k for k in stored_keys if k not in expected]
+    shapes = []
+    for key in (k for k in expected if k in stored):
+        want, have = expected[key], stored[key]
+        have_shape = tuple(have.size) if isinstance(have, TensorStorageMetadata) else None
+        if want != have_shape:
+            describe = lambda s: "a non-tensor value" if s is None else str(tuple(s))  # noqa: E731
+            shapes.append(f"{key}: checkpoint {describe(have_shape)}, expected {describe(want)}")
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    for what, names in (("missing from the checkpoint", missing),
+                        ("unexpected in the checkpoint", unexpected),
+                        ("shape mismatch", shapes)):  # fmt: skip
+        if names:
+            shown = ", ".join(names[:_LISTED])
+            more = f", and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
+            parts.append(f"{what} ({len(names)}): {shown}{more}")
+    raise CheckpointError(
+        f"checkpoint {ckpt} does not fit the state being loaded; " + "; ".join(parts) + ". "
+        "Keys are 'model.<parameter name>' and 'optim.<state|param_groups>...'. Load into the "
+        "same architecture (same parameter names and shapes) and optimizer type the checkpoint "
+        "was saved from, or convert the checkpoint first. Nothing was loaded."
+    )
+
+
+@contextlib.contextmanager
+def _quiet_single_process(topo: Topology) -> Iterator[None]:
+    """Without a process group DCP warns that it assumes one process; that is what we meant."""
+    if topo.is_live:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return f"{type(exc).__name__}: {text.splitlines()[0][:500]}"
+
+
+def _raise_first(errors: list[str], what: str) -> None:
+    for rank, error in enumerate(errors):
+        if error:
+            raise CheckpointError(error if len(errors) == 1 else f"{error} (found on rank {rank})")

@@ -1,0 +1,84 @@
+"""`MetricsLogger(topo, dir)`: metrics reduced across ranks when logged, written by rank 0.
+
+Rank 0 appends one JSON object per logged step to ``dir/metrics.jsonl`` and, when tensorboard is
+installed, writes TensorBoard events to ``dir``. Metrics pytrees are reduced (mean over the
+``"dp"`` axis by default) only on steps that are logged, never every step, so logging every
+``every`` steps costs one small collective per ``every`` steps.
+
+Example::
+
+    logger = td.MetricsLogger(topo, "runs/exp1", every=10)
+    for batch in loader:
+        state, metrics = step(state, batch)
+        logger.log(state.step, metrics)     # collective only when state.step % 10 == 0
+    logger.close()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import optree
+import torch
+
+from torchdist.collectives import Axis, all_reduce
+from torchdist.topology import Topology
+
+__all__ = ["MetricsLogger"]
+
+
+class MetricsLogger:
+    """See the module docstring. Every rank must call ``log`` with the same steps."""
+
+    def __init__(
+        self, topo: Topology, directory: str, *, every: int = 1, axis: Axis = "dp", op: str = "mean"
+    ) -> None:
+        self.topo, self.directory, self.every, self.axis, self.op = topo, directory, every, axis, op
+        self._writer = None
+        self._file = None
+        if topo.rank == 0:
+            os.makedirs(directory, exist_ok=True)
+            self._file = open(os.path.join(directory, "metrics.jsonl"), "a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._writer = SummaryWriter(directory)
+
+    def log(self, step: int, metrics: Any) -> dict[str, float] | None:
+        """Reduce and write ``metrics`` if ``step`` is a logging step; return what was written
+        (on rank 0; None elsewhere and on other steps). Communicates: one all-reduce per dtype
+        over ``axis`` on logging steps.
+        """
+        if step % self.every:
+            return None
+        floats = {
+            key: value.detach().float().reshape(())
+            for key, value in _flat(metrics).items()
+            if isinstance(value, torch.Tensor) and value.numel() == 1
+        }
+        reduced = all_reduce(floats, self.topo, op=self.op, axis=self.axis) if floats else {}
+        if self.topo.rank != 0:
+            return None
+        row = {k: float(v) for k, v in reduced.items()}
+        self._file.write(json.dumps({"step": step, "time": time.time(), **row}) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for key, value in row.items():
+                self._writer.add_scalar(key, value, step)
+        return row
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _flat(metrics: Any) -> dict[str, Any]:
+    paths, leaves, _ = optree.tree_flatten_with_path(metrics)
+    return {"/".join(map(str, path)): leaf for path, leaf in zip(paths, leaves)}
