@@ -164,7 +164,8 @@ def main() -> None:
         axes = {"dp_replicate": -1, "dp_shard": 1}
     topo = td.Topology.from_env(device="cpu", **axes)
     with td.distributed(topo) as topo:
-        td.print0(topo, f"world {topo.world_size}, mesh {topo.axes}, {args.parallel}, {args.precision}")
+        print(f"rank {topo.rank}: world {topo.world_size}, mesh {topo.axes}", flush=True)
+        td.print0(topo, f"training: {args.parallel}, {args.precision}, {args.steps} steps")
         td.set_seed(args.seed)
         model = td.to_device(GPT(dim=args.dim, layers=args.layers, seq=args.seq), topo)
         model, opt, sched, step = build_step(args, topo, model)
