@@ -327,6 +327,7 @@ def main() -> None:
     parser.add_argument("--tiny-steps", type=int, default=200,
                         help="steps per block for the tiny-model overhead measurement")
     parser.add_argument("--skip-distributed", action="store_true", help="only the 1-process part")
+    parser.add_argument("--skip-single", action="store_true", help="only the 2-rank part")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -349,6 +350,8 @@ def main() -> None:
         print(f"  parity after training (max |param difference|): a vs b {d['a-b']:.2e}, "
               f"a vs c {d['a-c']:.2e}")
 
+    if args.skip_single:
+        return
     started = time.perf_counter()
     names, wall, cpu, diff = single_process(args, False, args.rounds, args.steps)
     print(f"\n1 process, same model [{time.perf_counter() - started:.0f} s]")

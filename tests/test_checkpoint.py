@@ -126,13 +126,32 @@ def test_bit_exact_resume_of_a_plain_model_on_one_rank(tmp_path):
 def test_loss_scale_and_model_only_round_trip(tmp_path):
     topo = td.Topology.single()
     model = Net()
-    scaler = td.LossScale(scale=torch.tensor(8.0), growth_tracker=torch.tensor(5, dtype=torch.int32))
+    scaler = td.LossScale(
+        scale=torch.tensor(8.0), growth_tracker=torch.tensor(5, dtype=torch.int32)
+    )
     checkpoint.save(tmp_path, td.TrainState(model=model, step=4, scaler=scaler), topo)
     other = Net()
     placeholder = td.LossScale.initial("cpu")
     state = checkpoint.load(tmp_path, td.TrainState(model=other, scaler=placeholder), topo)
     assert state.scaler.scale.item() == 8.0 and state.scaler.growth_tracker.item() == 5
     assert all(map(torch.equal, model.parameters(), other.parameters()))
+
+
+def test_a_save_before_the_first_step_does_not_change_the_run(tmp_path):
+    topo = td.Topology.single()
+
+    def run(save_at_start):
+        td.set_seed(0)
+        state, step, loader = fresh(0)
+        if save_at_start:
+            checkpoint.save(tmp_path, state, topo, loader=loader)
+            assert not state.optimizer.state  # still un-stepped
+            state, step, loader = fresh(5)
+            state = checkpoint.load(tmp_path, state, topo, loader=loader)
+            assert not state.optimizer.state
+        return snapshot(train(state, step, loader, 2), loader)
+
+    assert_same_run(run(False), run(True))
 
 
 # --------------------------------------------------------------------------- resharding
@@ -191,7 +210,9 @@ def test_reshard_1_to_2(tmp_path):
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
     loss_fn(model.eval(), dataset(8).tensors).backward()
     opt.step()
-    checkpoint.save(tmp_path, td.TrainState(model=model, optimizer=opt, step=1), td.Topology.single())
+    checkpoint.save(
+        tmp_path, td.TrainState(model=model, optimizer=opt, step=1), td.Topology.single()
+    )
     saved = _full(model, opt)
     for _, loaded in td.in_process(_load_sharded, 2, str(tmp_path), Net(hidden=9), timeout=60):
         assert_same_state(saved, loaded)
@@ -238,7 +259,9 @@ def test_keep_and_newest_complete_wins(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["step_00000003", "step_00000004"]
     first = Net()
     _save_plain(tmp_path, 4, model=first)  # the same step again replaces it
-    state = checkpoint.load(tmp_path / "step_00000004", td.TrainState(model=model), td.Topology.single())
+    state = checkpoint.load(
+        tmp_path / "step_00000004", td.TrainState(model=model), td.Topology.single()
+    )
     assert all(map(torch.equal, model.parameters(), first.parameters()))
 
 
@@ -257,7 +280,10 @@ def _load(path, model=None, **state):
 
 def test_missing_unexpected_and_shape_mismatch_are_named(saved):
     root, _, original = saved
-    with pytest.raises(CheckpointError, match=r"missing from the checkpoint \(2\): model\.more\.weight, model\.more\.bias"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing from the checkpoint \(2\): model\.more\.weight, model\.more\.bias",
+    ):
         _load(root, Net(extra_layer=True))
 
     class Smaller(nn.Module):
@@ -265,11 +291,16 @@ def test_missing_unexpected_and_shape_mismatch_are_named(saved):
             super().__init__()
             self.inp = nn.Linear(8, 16)
 
-    with pytest.raises(CheckpointError, match=r"unexpected in the checkpoint \(2\): model\.out\.weight, model\.out\.bias"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"unexpected in the checkpoint \(2\): model\.out\.weight, model\.out\.bias",
+    ):
         _load(root, Smaller())
     model = Net(hidden=12)
     before = [p.clone() for p in model.parameters()]
-    with pytest.raises(CheckpointError, match=r"model\.inp\.weight: checkpoint \(16, 8\), expected \(12, 8\)"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.inp\.weight: checkpoint \(16, 8\), expected \(12, 8\)"
+    ):
         _load(root, model)
     assert all(map(torch.equal, before, model.parameters()))  # nothing was loaded
     model = Net()
@@ -281,7 +312,11 @@ def test_missing_unexpected_and_shape_mismatch_are_named(saved):
     loss_fn(original, dataset(8).tensors).backward()
     sgd.step()
     checkpoint.save(sgd_root, td.TrainState(model=original, optimizer=sgd), td.Topology.single())
-    with pytest.raises(CheckpointError, match=r"missing from the checkpoint \(\d+\): optim\.state\.inp\.weight\.step, optim\.state\.inp\.weight\.exp_avg"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing from the checkpoint \(\d+\): "
+        r"optim\.state\.inp\.weight\.step, optim\.state\.inp\.weight\.exp_avg",
+    ):
         _load(sgd_root, model, optimizer=opt)
 
 
@@ -291,7 +326,9 @@ def test_truncated_and_corrupted_files(saved):
     content = open(data, "rb").read()
     with open(data, "wb") as f:
         f.write(content[: len(content) // 2])
-    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: \d+ bytes, expected \d+ \(truncated\)"):
+    with pytest.raises(
+        CheckpointError, match=r"__0_0\.distcp: \d+ bytes, expected \d+ \(truncated\)"
+    ):
         _load(path)
     with open(data, "wb") as f:
         f.write(b"\x00" * len(content))  # same size, garbage
@@ -329,7 +366,9 @@ def test_not_a_checkpoint_and_newer_format(saved, tmp_path_factory):
     _, path, _ = saved
     empty = tmp_path_factory.mktemp("empty")
     (empty / "notes.txt").write_text("hi")
-    with pytest.raises(CheckpointError, match=r"is not a torchdist checkpoint: it contains notes\.txt"):
+    with pytest.raises(
+        CheckpointError, match=r"is not a torchdist checkpoint: it contains notes\.txt"
+    ):
         _load(empty)
     with pytest.raises(CheckpointError, match="does not exist"):
         _load(empty / "nope")
@@ -358,7 +397,9 @@ def test_state_that_does_not_fit_the_per_rank_part(tmp_path):
     assert os.listdir(tmp_path) == []  # nothing was written
     state, _, loader = fresh(0)
     checkpoint.save(tmp_path, state, topo, loader=loader)
-    with pytest.raises(CheckpointError, match="holds a scheduler state, but TrainState.scheduler is None"):
+    with pytest.raises(
+        CheckpointError, match="holds a scheduler state, but TrainState.scheduler is None"
+    ):
         _load(tmp_path)
     other_loader = shard_loader(dataset(24), topo, batch_size=8, seed=1)
     with pytest.raises(CheckpointError, match="dataset_len=40"):

@@ -131,8 +131,13 @@ def _partial_save(path: str) -> str | None:
             tmp = os.path.join(path, name)
             try:
                 files = os.listdir(tmp)
-                if any(f.endswith(".distcp") and os.path.getsize(os.path.join(tmp, f)) > 0
-                       for f in files) and checkpoint.MARKER not in files:  # fmt: skip
+                if (
+                    any(
+                        f.endswith(".distcp") and os.path.getsize(os.path.join(tmp, f)) > 0
+                        for f in files
+                    )
+                    and checkpoint.MARKER not in files
+                ):
                     return tmp
             except FileNotFoundError:  # renamed meanwhile: that save completed
                 pass

@@ -49,8 +49,10 @@ def _load_sharded(topo, path, init):
     report = load_safetensors(model, path, topo)
     local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
     local += sum(b.numel() * b.element_size() for b in model.buffers())
-    full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v.detach()
-            for k, v in model.state_dict().items()}  # fmt: skip
+    full = {
+        k: v.full_tensor() if hasattr(v, "full_tensor") else v.detach()
+        for k, v in model.state_dict().items()
+    }
     return report, local, full
 
 
@@ -63,16 +65,23 @@ def test_export_from_two_sharded_ranks_and_load_anywhere(tmp_path, max_bytes):
         assert [os.path.basename(f) for f in files] == ["model.safetensors"]
     else:  # one tensor alone exceeds 200 bytes: several files and an index
         index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-        assert len(files) > 2 and os.path.basename(files[0]) == f"model-00001-of-{len(files) - 1:05d}.safetensors"
+        assert (
+            len(files) > 2
+            and os.path.basename(files[0]) == f"model-00001-of-{len(files) - 1:05d}.safetensors"
+        )
         assert set(index["weight_map"]) == set(expected)
-        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in expected.values())
+        assert index["metadata"]["total_size"] == sum(
+            t.numel() * t.element_size() for t in expected.values()
+        )
     written = {}
     for f in files:
         if f.endswith(".safetensors"):
             written.update(load_file(f))  # the reference reader accepts our files
     assert written.keys() == expected.keys()
-    assert all(torch.equal(written[k], expected[k]) and written[k].dtype == expected[k].dtype
-               for k in expected)  # fmt: skip
+    assert all(
+        torch.equal(written[k], expected[k]) and written[k].dtype == expected[k].dtype
+        for k in expected
+    )
 
     plain = Net()  # other random weights, one plain process
     report = load_safetensors(plain, tmp_path, td.Topology.single())
@@ -119,7 +128,9 @@ def test_mismatches_and_a_directory_that_is_no_export(tmp_path):
     export_safetensors(Net(), tmp_path, td.Topology.single())
     bigger = Net(hidden=10)
     before = [p.clone() for p in bigger.parameters()]
-    with pytest.raises(CheckpointError, match=r"shape mismatch \(3\): inp\.weight: file \(9, 6\), model \(10, 6\)"):
+    with pytest.raises(
+        CheckpointError, match=r"shape mismatch \(3\): inp\.weight: file \(9, 6\), model \(10, 6\)"
+    ):
         load_safetensors(bigger, tmp_path, td.Topology.single())
     assert all(map(torch.equal, before, bigger.parameters()))  # nothing was copied
 
@@ -129,7 +140,11 @@ def test_mismatches_and_a_directory_that_is_no_export(tmp_path):
             self.head = nn.Linear(2, 2)
             del self.emb
 
-    with pytest.raises(CheckpointError, match=r"missing from the files \(2\): head\.bias, head\.weight; unexpected in the files \(1\): emb\.weight"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing from the files \(2\): head\.bias, head\.weight; "
+        r"unexpected in the files \(1\): emb\.weight",
+    ):
         load_safetensors(Other(), tmp_path, td.Topology.single())
     with pytest.raises(CheckpointError, match="is not a safetensors export"):
         load_safetensors(Net(), tmp_path / "nothing", td.Topology.single())

@@ -269,11 +269,12 @@ def test_gather_mismatched_structure_raises():
 
 
 def test_broadcast_dtype_outside_the_table_is_not_silently_replaced():
-    """A dtype torchdist has no code for (uint32 here) must not reach other ranks as complex64.
+    """A dtype gloo cannot reduce (uint32) still broadcasts with its dtype and values, or fails on
+    every rank with CollectiveError naming it; never as another dtype.
 
-    broadcast encodes dtypes as indices into ``_DTYPES`` and writes -2 for others; non-source
-    ranks then build placeholders of ``_DTYPES[-2]`` (complex64). Expected: src's dtype and
-    values arrive, or every rank raises CollectiveError naming the dtype.
+    Regression: non-source ranks used to build their placeholders as ``_DTYPES[-2]`` (complex64)
+    for any dtype missing from the table, so float8/uint32 broadcasts mismatched (NCCL) or hit a
+    collective-fingerprint RuntimeError (gloo).
     """
 
     def fn(topo):

@@ -29,8 +29,10 @@ def ids(n: int = N) -> TensorDataset:
 
 
 def loaders(world: int, n: int = N, **kw) -> list:
-    return [shard_loader(ids(n), Topology(world_size=world, rank=r), batch_size=B, **kw)
-            for r in range(world)]  # fmt: skip
+    return [
+        shard_loader(ids(n), Topology(world_size=world, rank=r), batch_size=B, **kw)
+        for r in range(world)
+    ]
 
 
 def global_batches(ranks: list, *, strip_padding: bool = True, steps: int | None = None):
@@ -55,7 +57,9 @@ def test_gather_for_metrics_sees_each_sample_once_on_two_ranks():
         seen, sizes = [], []
         for (x,) in loader:
             sizes.append(len(x))
-            seen.append(td.gather_for_metrics(x, topo, dataset_len=N, samples_seen=loader.batch_start))
+            seen.append(
+                td.gather_for_metrics(x, topo, dataset_len=N, samples_seen=loader.batch_start)
+            )
         return torch.cat(seen), sizes, len(loader), loader.epoch
 
     for gathered, sizes, length, epoch in td.in_process(fn, 2, timeout=30):
@@ -109,7 +113,9 @@ def test_tp_peers_see_identical_batches_on_a_dp_x_tp_mesh():
 
 def test_a_batch_moves_to_the_topology_device_and_uses_collate_fn():
     topo = Topology.single()
-    loader = shard_loader(list(range(10)), topo, batch_size=3, collate_fn=lambda s: s, shuffle=False)
+    loader = shard_loader(
+        list(range(10)), topo, batch_size=3, collate_fn=lambda s: s, shuffle=False
+    )
     assert next(iter(loader)) == [0, 1, 2]
     (x,) = next(iter(shard_loader(ids(), topo, batch_size=3)))
     assert x.device == topo.device

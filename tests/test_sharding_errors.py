@@ -6,16 +6,20 @@ group share a few in-process worlds; those that do not run without one.
 
 Structure: ``shard`` leaves each rank ``1/N`` of every parameter (dim 0, in ``torch.chunk``
 pieces: ceil-sized, the last ones shorter or empty), and no model transform renames a parameter.
+``checkpoint_activations`` (one process) gives the same loss and gradients and really recomputes:
+ops are counted in the backward with a ``TorchDispatchMode``.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchdist as td
 from torchdist.errors import CompositionError, ShardingError, TopologyError
@@ -101,16 +105,6 @@ def test_checkpoint_activations_bad_inputs_and_names():
     checkpoint_activations(fresh(), blocks=[Block])  # a list of types is a valid spec
 
 
-def test_blocks_given_as_one_type_is_accepted_or_refused_clearly():
-    """``blocks=Block`` (a type, not a list of types) must not end in a bare TypeError."""
-    try:
-        model = checkpoint_activations(fresh(), blocks=Block)
-    except ShardingError as exc:
-        assert "list of module types" in str(exc)
-    else:
-        assert "checkpoint_activations" in td.marks.applied(model)
-
-
 def test_materialize_needs_exactly_one_source():
     with raises(ShardingError, "exactly one of init= or full_state_dict="):
         materialize(fresh(), "cpu")
@@ -183,8 +177,57 @@ def test_shard_and_parallelize_bad_inputs_in_a_live_world():
     assert td.in_process(rank, 2) == [True, True]
 
 
-def test_blocks_given_as_one_type_in_shard():
-    """``shard(model, topo, blocks=Block)``: sharded by Block, or a ShardingError; no TypeError."""
+class _OpCount(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _loss_grads_and_backward_ops(model, x, y):
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.mse_loss(model(x), y)
+    with _OpCount() as ops:
+        loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, ops.ops, saved[0]
+
+
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_checkpoint_activations_same_loss_and_gradients(policy):
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(16, 8, generator=gen), torch.randn(16, 5, generator=gen)
+    loss0, grads0, ops0, saved0 = _loss_grads_and_backward_ops(fresh(), x, y)
+    model = checkpoint_activations(fresh(), policy=policy)
+    loss, grads, ops, saved = _loss_grads_and_backward_ops(model, x, y)
+    torch.testing.assert_close(loss, loss0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grads, grads0, rtol=0, atol=1e-6)
+    # It really recomputes: the backward re-runs the blocks' gelu (a plain backward never runs
+    # it) and fewer activations are stored outside the checkpointed blocks ...
+    assert ops0["gelu"] == 0 and ops["gelu"] == 2
+    assert saved < saved0
+    # ... and "selective" keeps the matmul outputs, so only the cheap ops are recomputed.
+    assert ops0["addmm"] == 0
+    assert (ops["addmm"] > 0) if policy == "full" else (ops["addmm"] == 0)
+
+
+def test_blocks_given_as_one_type_is_accepted_or_refused_clearly():
+    """``blocks=Block`` (a type, not a list of types): used as ``[Block]``, or a ShardingError
+    that names the fix; never a bare TypeError."""
+    try:
+        model = checkpoint_activations(fresh(), blocks=Block)
+    except ShardingError as exc:
+        assert "list of module types" in str(exc)
+    else:
+        assert "checkpoint_activations" in td.marks.applied(model)
 
     def rank(topo):
         try:
@@ -252,9 +295,14 @@ def test_replicate_trains_under_detail_debug_in_real_processes():
     import torch.distributed as dist
 
     gen = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(8, 8, generator=gen), torch.randn(8, 5, generator=gen)) for _ in range(3)]
+    batches = [
+        (torch.randn(8, 8, generator=gen), torch.randn(8, 5, generator=gen)) for _ in range(3)
+    ]
 
     def rank(topo):
+        # A forked child whose parent already ran intra-op parallel work (pytest has) hangs in
+        # its first parallel op unless it stays on one thread: see test_spawn_after_...
+        torch.set_num_threads(1)
         model = replicate(fresh(), topo)
         level = str(dist.get_debug_level())
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -279,7 +327,9 @@ def test_replicate_trains_under_detail_debug_in_real_processes():
 
 # --------------------------------------------------------------------------- structure
 @pytest.mark.parametrize(
-    "world, axes", [(2, {}), (4, {}), (4, dict(dp_replicate=2, dp_shard=2))], ids=["2", "4", "hsdp-2x2"]
+    "world, axes",
+    [(2, {}), (4, {}), (4, dict(dp_replicate=2, dp_shard=2))],
+    ids=["2", "4", "hsdp-2x2"],
 )
 def test_each_rank_holds_its_dim0_chunk_of_every_parameter(world, axes):
     from torch.distributed.tensor import Replicate, Shard
@@ -287,7 +337,8 @@ def test_each_rank_holds_its_dim0_chunk_of_every_parameter(world, axes):
     def rank(topo):
         model = shard(fresh(), topo)
         return topo.index("dp_shard"), {
-            n: (p.placements, p.to_local().clone(), tuple(p.shape)) for n, p in model.named_parameters()
+            n: (p.placements, p.to_local().clone(), tuple(p.shape))
+            for n, p in model.named_parameters()
         }
 
     n_shard = axes.get("dp_shard", world)
@@ -333,3 +384,17 @@ def test_no_model_transform_renames_a_parameter():
         for transform, (params, keys) in names.items():
             assert params == NAMES, transform
             assert keys == KEYS, transform
+
+
+@pytest.mark.multiprocess
+def test_spawn_after_the_parent_used_intra_op_threads():
+    """td.spawn forks by default; a child forked after the parent ran an OpenMP-parallel op (any
+    sizeable matmul, so: any test process) must still be able to run one."""
+    big = torch.randn(512, 512)
+    (big @ big).sum()  # starts the parent's intra-op thread pool (when it has >1 thread)
+
+    def rank(topo):
+        a = torch.randn(256, 256)
+        return bool(torch.isfinite(a @ a).all())
+
+    assert td.spawn(rank, 2, timeout=10) == [True, True]

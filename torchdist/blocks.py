@@ -47,11 +47,13 @@ def find_blocks(
                 "of block types."
             )
         return found
-    if callable(blocks) and not isinstance(blocks, type):
+    if isinstance(blocks, type):
+        blocks = [blocks]
+    if callable(blocks) and not isinstance(blocks, (list, tuple)):
         found = [(n, m) for n, m in model.named_modules() if n and blocks(n, m)]
         what = "the blocks predicate"
     else:
-        types = tuple(blocks)
+        types = tuple(blocks) if isinstance(blocks, (list, tuple, set)) else (blocks,)
         if not all(isinstance(t, type) for t in types):
             raise ShardingError(
                 f"{transform}: blocks must be None, a predicate (name, module) -> bool, or a list "

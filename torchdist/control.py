@@ -168,6 +168,8 @@ def sync_rng(
     else:
         states["numpy"] = numpy.random.get_state()
     states = broadcast(states, topo, src=src, axis=axis)
+    # set_*_state need tensors that own their storage from offset 0
+    states = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in states.items()}
     torch.set_rng_state(states["torch"])
     random.setstate(states["python"])
     if "cuda" in states:

@@ -159,12 +159,12 @@ class ShardedLoader:
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Any]:
-        if self._cursor >= self._end():
+        if 0 < self._cursor >= self._end():  # an exhausted epoch: start the next one
             self.epoch, self._cursor = self.epoch + 1, 0
         epoch = self.epoch
         plan = list(self._plan(epoch, self._cursor))
         batches = self._fetch(plan, epoch)
-        for (start, real, _), batch in zip(plan, batches):
+        for (start, real, _), batch in zip(plan, batches, strict=False):
             # The cursor moves before the yield: a state saved in the loop body that consumes
             # this batch resumes after it.
             self.batch_start, self._cursor = start, start + real
@@ -199,7 +199,7 @@ class ShardedLoader:
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        """Where this loader stands: plain ints and bools (``torch.load(weights_only=True)``-safe)."""
+        """Where this loader stands, as ints and bools (``torch.load(weights_only=True)``-safe)."""
         return {
             "version": STATE_VERSION,
             "epoch": self.epoch,

@@ -54,7 +54,7 @@ class RankError(TorchdistError, RuntimeError):
     ``rank`` is the failing rank, ``remote_traceback`` the traceback text printed on that rank.
     """
 
-    def __init__(self, message: str, *, rank: int, remote_traceback: str = "") -> None:
+    def __init__(self, message: str, *, rank: int = -1, remote_traceback: str = "") -> None:
         super().__init__(message)
         self.rank = rank
         self.remote_traceback = remote_traceback

@@ -124,6 +124,11 @@ class Topology:
         device = _check_device(self.device)
         object.__setattr__(self, "device", device)
         object.__setattr__(self, "backend", _check_backend(self.backend, device))
+        if self.mesh is not None and (
+            tuple(self.mesh.mesh.shape) != self.mesh_shape or self.mesh.get_rank() != self.rank
+        ):  # a variant made with dataclasses.replace: the old mesh does not describe it
+            object.__setattr__(self, "mesh", None)
+            object.__setattr__(self, "flattened", {})
 
     def _resolve_axes(self) -> int:
         sizes = {name: getattr(self, name) for name in AXES}

@@ -22,7 +22,16 @@ from torchdist.errors import CheckpointError
 from torchdist.state import LossScale, TrainState
 from torchdist.topology import Topology
 
-__all__ = ["pack", "serialize", "extras_path", "read", "check", "restore", "restore_rng", "capture_rng"]
+__all__ = [
+    "pack",
+    "serialize",
+    "extras_path",
+    "read",
+    "check",
+    "restore",
+    "restore_rng",
+    "capture_rng",
+]
 
 EXTRAS_DIR = "extras"
 
@@ -40,7 +49,7 @@ def _numpy():
 
 
 def capture_rng(topo: Topology) -> dict[str, Any]:
-    """This process's RNG states (torch CPU, CUDA of ``topo.device``, Python, NumPy) as plain data."""
+    """This process's RNG states (torch CPU, CUDA of ``topo.device``, Python, NumPy), as data."""
     rng: dict[str, Any] = {"torch": torch.get_rng_state()}
     version, internal, gauss = random.getstate()
     rng["python"] = {"version": version, "state": list(internal), "gauss_next": gauss}
@@ -80,14 +89,18 @@ def restore_rng(rng: dict[str, Any], topo: Topology) -> None:
         )
 
 
-def pack(state: TrainState, topo: Topology, loader: Any) -> dict[str, Any]:
-    """Everything of ``state`` that DCP does not hold, for this rank."""
+def pack(state: TrainState, topo: Topology, loader: Any, *, optimizer: str) -> dict[str, Any]:
+    """Everything of ``state`` that DCP does not hold, for this rank; ``optimizer`` says what
+    DCP holds of the optimizer (``"none"``, ``"empty"``: not stepped yet, ``"state"``)."""
     scaler = None
     if state.scaler is not None:
-        scaler = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
-                  for k, v in state.scaler.state_dict().items()}  # fmt: skip
+        scaler = {
+            k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
+            for k, v in state.scaler.state_dict().items()
+        }
     return {
         "step": int(state.step),
+        "optimizer": optimizer,
         "rank": topo.rank,
         "world_size": topo.world_size,
         "rng": capture_rng(topo),
@@ -178,8 +191,10 @@ def restore(state: TrainState, extras: dict[str, Any], topo: Topology, loader: A
         loader.load_state_dict(extras["loader"])
     scaler = None
     if extras["scaler"] is not None:
-        values = {k: v.to(topo.device) if isinstance(v, torch.Tensor) else v
-                  for k, v in extras["scaler"].items()}  # fmt: skip
+        values = {
+            k: v.to(topo.device) if isinstance(v, torch.Tensor) else v
+            for k, v in extras["scaler"].items()
+        }
         scaler = LossScale.from_state_dict(values)
     restore_rng(extras["rng"], topo)
     return state.replace(step=int(extras["step"]), scaler=scaler, extra=extras["extra"])

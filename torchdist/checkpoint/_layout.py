@@ -188,7 +188,9 @@ def check_files(marker: Marker) -> None:
             kind = "truncated" if actual < size else "grown"
             problems.append(f"{rel}: {actual} bytes, expected {size} ({kind})")
     if problems:
-        shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+        shown = "; ".join(problems[:10]) + (
+            f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
+        )
         raise CheckpointError(
             f"checkpoint {marker.path} is damaged: {shown}. The files differ from what the save "
             "recorded (an interrupted copy, a full disk, a manual edit). Load an earlier "
@@ -205,8 +207,15 @@ def _file_sizes(path: str) -> dict[str, int]:
     return dict(sorted(sizes.items()))
 
 
-def finish(tmp: str, final: str, *, step: int, world_size: int, mesh: dict[str, int],
-           contents: dict[str, Any]) -> None:  # fmt: skip
+def finish(
+    tmp: str,
+    final: str,
+    *,
+    step: int,
+    world_size: int,
+    mesh: dict[str, int],
+    contents: dict[str, Any],
+) -> None:
     """Write the marker into ``tmp`` and rename it to ``final`` (rank 0, after every rank wrote).
 
     A checkpoint already at ``final`` (the same step saved again) is moved aside first and

@@ -80,7 +80,7 @@ class SafeFileSystemReader(FileSystemReader):
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
-    """``DefaultLoadPlanner`` that loads non-tensor values with ``torch.load(weights_only=True)``."""
+    """``DefaultLoadPlanner`` loading non-tensor values with ``torch.load(weights_only=True)``."""
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:  # noqa: ANN001 - DCP's signature
         obj = torch.load(value, weights_only=True)
@@ -102,7 +102,7 @@ def _set_element(root: Any, path: tuple, value: Any) -> None:
 
 
 def read_metadata(path: str) -> Metadata:
-    """The DCP metadata of checkpoint directory ``path``, read safely; ``CheckpointError`` if bad."""
+    """The DCP metadata of checkpoint directory ``path``, read safely (``CheckpointError``)."""
     try:
         return SafeFileSystemReader(path).read_metadata()
     except FileNotFoundError:

@@ -9,7 +9,12 @@ What goes where, in ``<root>/step_<step:08d>/``:
   tensor-parallel model, so a checkpoint loads at another world size or mesh: DCP reads the
   slices each rank now owns (4 -> 2, 2 -> 1, 1 -> 2 ranks). With no optimizer in the
   ``TrainState``, only the model is saved, or loaded (a checkpoint's optimizer state is then
-  ignored: loading weights for evaluation is a whole, deliberate choice).
+  ignored: loading weights for evaluation is a whole, deliberate choice). An optimizer that has
+  not stepped yet is recorded as such rather than saved: ``get_state_dict`` would initialise its
+  state with a zero-gradient step, so a step-0 save would shift Adam's step count by one and
+  the run would no longer be the run without the save. Loading such a checkpoint leaves the
+  optimizer un-stepped (its state cleared). Otherwise, as in torch, building the state dict of a
+  fresh optimizer initialises its state (zeros) before the checks below run.
 * ``extras/rank_<rank>.pt``: per rank, ``TrainState.step``, its RNG states (torch CPU, CUDA,
   Python ``random``, NumPy), the scheduler's and loss scale's state, ``TrainState.extra`` and
   the loader's position; see ``_extras``. Loaded with ``torch.load(weights_only=True)``. On a
@@ -98,13 +103,15 @@ def save(
 
     root = os.fspath(path)
     final = os.path.join(root, _layout.step_dirname(int(state.step)))
+    optimizer = _optimizer_mode(state)
     try:
-        extras, error = _extras.serialize(_extras.pack(state, topo, loader)), ""
+        extras = _extras.pack(state, topo, loader, optimizer=optimizer)
+        extras, error = _extras.serialize(extras), ""
     except CheckpointError as exc:
         extras, error = b"", str(exc)
     token = secrets.token_hex(6) if topo.rank == 0 else ""
     replies = gather_object([(error, token)], topo)
-    _raise_first([e for e, _ in replies], "save")
+    _raise_first([e for e, _ in replies])
     tmp = f"{final}.tmp-{replies[0][1]}"
 
     extras_file = _extras.extras_path(tmp, topo.rank)
@@ -117,22 +124,28 @@ def save(
     # and every rank wrote its extras before entering it: no barrier needed before finishing.
     with _quiet_single_process(topo):
         dcp.save(
-            _state_dicts(state),
+            _state_dicts(state, optimizer=optimizer == "state"),
             storage_writer=dcp.FileSystemWriter(tmp),
             no_dist=not topo.is_live,
         )
     outcome = {"error": ""}
     if topo.rank == 0:
         contents = {
-            "optimizer": state.optimizer is not None,
+            "optimizer": optimizer,
             "scheduler": state.scheduler is not None,
             "scaler": state.scaler is not None,
             "loader": loader is not None,
             "torch": torch.__version__,
         }
         try:
-            _layout.finish(tmp, final, step=int(state.step), world_size=topo.world_size,
-                           mesh=topo.axes, contents=contents)  # fmt: skip
+            _layout.finish(
+                tmp,
+                final,
+                step=int(state.step),
+                world_size=topo.world_size,
+                mesh=topo.axes,
+                contents=contents,
+            )
             if keep is not None:
                 _layout.prune(root, keep)
         except OSError as exc:
@@ -141,7 +154,7 @@ def save(
                 "disk (space, permissions) and save again."
             )
     outcome = broadcast(outcome, topo)
-    _raise_first([outcome["error"]], "save")
+    _raise_first([outcome["error"]])
     return final
 
 
@@ -173,20 +186,29 @@ def load(
         except CheckpointError as exc:
             chosen["error"] = str(exc)
     chosen = broadcast(chosen, topo)
-    _raise_first([chosen["error"]], "load")
+    _raise_first([chosen["error"]])
     ckpt = chosen["dir"]
 
-    state_dicts = _state_dicts(state)
     try:
         marker = _layout.read_marker(ckpt)
         _layout.check_files(marker)
-        _check_against_metadata(ckpt, state_dicts, optimizer=state.optimizer is not None)
         extras, _ = _extras.read(ckpt, topo)
+        saved = extras["optimizer"]
+        if state.optimizer is not None and saved == "none":
+            raise CheckpointError(
+                f"checkpoint {ckpt} holds no optimizer state (it was saved from a TrainState "
+                "without an optimizer), but the TrainState being loaded has one. Load with "
+                "optimizer=None to restore the model only, then build the optimizer. Nothing "
+                "was loaded."
+            )
+        with_optimizer = state.optimizer is not None and saved == "state"
+        state_dicts = _state_dicts(state, optimizer=with_optimizer)
+        _check_against_metadata(ckpt, state_dicts, optimizer=with_optimizer)
         _extras.check(extras, state, loader)
         error = ""
     except CheckpointError as exc:
         error = str(exc)
-    _raise_first(gather_object([error], topo), "load")
+    _raise_first(gather_object([error], topo))
 
     try:
         with _quiet_single_process(topo):
@@ -203,14 +225,25 @@ def load(
             "source."
         ) from exc
     _set_state_dicts(state, state_dicts)
+    if state.optimizer is not None and saved == "empty":
+        state.optimizer.state.clear()  # saved before its first step: back to that
     return _extras.restore(state, extras, topo, loader)
 
 
 # --------------------------------------------------------------------------- state dicts
-def _state_dicts(state: TrainState) -> dict[str, Any]:
+def _optimizer_mode(state: TrainState) -> str:
+    """``"none"`` (no optimizer), ``"empty"`` (not stepped yet) or ``"state"``."""
+    if state.optimizer is None:
+        return "none"
+    return "state" if state.optimizer.state else "empty"
+
+
+def _state_dicts(state: TrainState, *, optimizer: bool) -> dict[str, Any]:
+    """DCP's input. An optimizer that has not stepped is left out: ``get_state_dict`` would
+    initialise its state with a zero-gradient step (Adam's step count would then start at 1)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    if state.optimizer is None:
+    if not optimizer:
         return {"model": get_model_state_dict(state.model)}
     model_sd, optim_sd = get_state_dict(state.model, state.optimizer)
     return {"model": model_sd, "optim": optim_sd}
@@ -219,7 +252,7 @@ def _state_dicts(state: TrainState) -> dict[str, Any]:
 def _set_state_dicts(state: TrainState, state_dicts: dict[str, Any]) -> None:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-    if state.optimizer is None:
+    if "optim" not in state_dicts:
         set_model_state_dict(state.model, state_dicts["model"])
     else:
         set_state_dict(
@@ -269,12 +302,6 @@ def _check_against_metadata(ckpt: str, state_dicts: dict[str, Any], *, optimizer
 
     stored = read_metadata(ckpt).state_dict_metadata
     expected = _flatten(state_dicts)
-    if optimizer and not any(k.startswith("optim.") for k in stored):
-        raise CheckpointError(
-            f"checkpoint {ckpt} holds no optimizer state (it was saved from a TrainState without "
-            "an optimizer), but the TrainState being loaded has one. Load with optimizer=None "
-            "to restore the model only, then build the optimizer. Nothing was loaded."
-        )
     stored_keys = [k for k in stored if optimizer or k.startswith("model.")]
     # Listed in state-dict order (parameters before optimizer state before hyperparameters).
     missing = [k for k in expected if k not in stored]
@@ -289,9 +316,11 @@ def _check_against_metadata(ckpt: str, state_dicts: dict[str, Any], *, optimizer
     if not (missing or unexpected or shapes):
         return
     parts = []
-    for what, names in (("missing from the checkpoint", missing),
-                        ("unexpected in the checkpoint", unexpected),
-                        ("shape mismatch", shapes)):  # fmt: skip
+    for what, names in (
+        ("missing from the checkpoint", missing),
+        ("unexpected in the checkpoint", unexpected),
+        ("shape mismatch", shapes),
+    ):
         if names:
             shown = ", ".join(names[:_LISTED])
             more = f", and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
@@ -320,7 +349,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:500]}"
 
 
-def _raise_first(errors: list[str], what: str) -> None:
+def _raise_first(errors: list[str]) -> None:
     for rank, error in enumerate(errors):
         if error:
             raise CheckpointError(error if len(errors) == 1 else f"{error} (found on rank {rank})")

@@ -125,7 +125,7 @@ def export_safetensors(
             _prepare_dir(root)
         except OSError as exc:
             writing, error = False, f"cannot write into {root}: {exc}"
-    for file_name, group in zip(names, groups):
+    for file_name, group in zip(names, groups, strict=True):
         out = None
         if writing:
             try:
@@ -151,7 +151,9 @@ def export_safetensors(
     outcome = broadcast({"error": error}, topo)
     if outcome["error"]:
         raise CheckpointError(outcome["error"] + ". Check the disk (space, permissions).")
-    return [os.path.join(root, n) for n in names] + ([os.path.join(root, INDEX)] if len(names) > 1 else [])
+    return [os.path.join(root, n) for n in names] + (
+        [os.path.join(root, INDEX)] if len(names) > 1 else []
+    )
 
 
 def _plan_files(entries: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
@@ -179,8 +181,11 @@ def _header(entries: dict[str, torch.Tensor], group: list[str]) -> bytes:
     for name in group:
         tensor = entries[name]
         end = offset + _nbytes(tensor)
-        header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, end]}  # fmt: skip
+        header[name] = {
+            "dtype": _DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, end],
+        }
         offset = end
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
@@ -196,8 +201,10 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 def _prepare_dir(root: str) -> None:
     os.makedirs(root, exist_ok=True)
     for name in os.listdir(root):
-        if name == SINGLE or name == INDEX or (
-            name.startswith("model-") and ".safetensors" in name
+        if (
+            name == SINGLE
+            or name == INDEX
+            or (name.startswith("model-") and ".safetensors" in name)
         ):
             os.remove(os.path.join(root, name))
 
@@ -208,7 +215,9 @@ def _finish(root: str, names: list[str], groups: list[list[str]], entries) -> No
     if len(names) > 1:
         index = {
             "metadata": {"total_size": sum(_nbytes(t) for t in entries.values())},
-            "weight_map": {t: file for file, group in zip(names, groups) for t in group},
+            "weight_map": {
+                t: file for file, group in zip(names, groups, strict=True) for t in group
+            },
         }
         with open(os.path.join(root, INDEX), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2)
@@ -255,7 +264,9 @@ def _read_layout(root: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     elif os.path.isfile(os.path.join(root, SINGLE)):
         files = [SINGLE]
     else:
-        found = sorted(os.listdir(root))[:8] if os.path.isdir(root) else "nothing (no such directory)"
+        found = (
+            sorted(os.listdir(root))[:8] if os.path.isdir(root) else "nothing (no such directory)"
+        )
         raise CheckpointError(
             f"{root} is not a safetensors export: expected {SINGLE} or {INDEX}, found {found}. "
             "Pass the directory export_safetensors wrote."
@@ -285,8 +296,12 @@ def _check_names(root: str, layout, entries: dict[str, torch.Tensor], aliases) -
     if not (missing or unexpected or shapes):
         return
     parts = []
-    for what, names in (("missing from the files", missing),
-                        ("unexpected in the files", unexpected), ("shape mismatch", shapes)):  # fmt: skip
+    kinds = (
+        ("missing from the files", missing),
+        ("unexpected in the files", unexpected),
+        ("shape mismatch", shapes),
+    )
+    for what, names in kinds:
         if names:
             more = f", and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
             parts.append(f"{what} ({len(names)}): {', '.join(names[:_LISTED])}{more}")

@@ -115,8 +115,8 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 def _nbytes(tensor: torch.Tensor) -> int:
     flatten = getattr(tensor, "__tensor_flatten__", None)  # DTensor and torchao's subclasses
     if flatten is not None:
-        names, _ = flatten()
-        return sum(_nbytes(getattr(tensor, name)) for name in names)
+        inner = (getattr(tensor, name) for name in flatten()[0])
+        return sum(_nbytes(t) for t in inner if isinstance(t, torch.Tensor))
     return tensor.numel() * tensor.element_size()
 
 

@@ -94,10 +94,18 @@ def shard(
             "torchdist). Apply shard to the unsharded model."
         )
     dp_mesh = resolve_mesh(mesh, ("dp_replicate", "dp_shard"), transform="shard")
+    if dp_mesh.ndim not in (1, 2):
+        raise ShardingError(
+            f"shard needs a 1-D mesh (FSDP) or a 2-D (dp_replicate, dp_shard) mesh (HSDP), got "
+            f"{dp_mesh.ndim}-D {dp_mesh.mesh_dim_names}; pass the topology or "
+            "topo.mesh['dp_replicate', 'dp_shard']."
+        )
     kwargs: dict[str, Any] = {"mesh": dp_mesh, "reshard_after_forward": reshard_after_forward}
     if mixed_precision is not None:
         kwargs["mp_policy"] = mixed_precision.to_torch()
-    kwargs["offload_policy"] = CPUOffloadPolicy() if offload else OffloadPolicy()
+    # Pinned host memory needs an accelerator; on a CPU-only machine offloading is a no-op copy.
+    pin = torch.cuda.is_available()
+    kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=pin) if offload else OffloadPolicy()
     units = find_blocks(model, blocks, transform="shard")
     for _, block in units:
         fully_shard(block, **kwargs)

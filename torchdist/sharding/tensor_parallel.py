@@ -92,5 +92,10 @@ def parallelize(model: nn.Module, mesh: Any, plan: Mapping[str, str | Any]) -> n
                 + ". Patterns are fnmatch globs over names from model.named_modules()."
             )
     tp_mesh = resolve_mesh(mesh, ("tp",), transform="parallelize")
+    if tp_mesh.ndim != 1:
+        raise ShardingError(
+            f"parallelize needs a 1-D tensor-parallel mesh, got {tp_mesh.ndim}-D "
+            f"{tp_mesh.mesh_dim_names}; pass the topology (its 'tp' axis) or topo.mesh['tp']."
+        )
     parallelize_module(model, tp_mesh, {pattern: _style(style) for pattern, style in plan.items()})
     return mark(model, "parallelize")

@@ -32,6 +32,8 @@ def optimize(optimizer: torch.optim.Optimizer | None = None, scheduler: Any = No
         step = compose(optimize(opt, scheduler), clip_grads(1.0))(value_and_grad(loss_fn))
     """
 
+    checked: set[tuple[int, int]] = set()
+
     def wrap(inner: StepFn, info: dict) -> StepFn:
         def step(state: TrainState, batch: Any):
             opt = optimizer if optimizer is not None else state.optimizer
@@ -46,6 +48,9 @@ def optimize(optimizer: torch.optim.Optimizer | None = None, scheduler: Any = No
                     "optimize(opt) was given a different optimizer than TrainState.optimizer; "
                     "checkpoints would save the wrong one. Pass the same object, or leave one out."
                 )
+            if (id(opt), id(state.model)) not in checked:
+                _check_optimizer_holds_model_parameters(opt, state.model)
+                checked.add((id(opt), id(state.model)))
             state, metrics = inner(state, batch)
             skipped = False
             if state.scaler is not None:
@@ -67,3 +72,16 @@ def optimize(optimizer: torch.optim.Optimizer | None = None, scheduler: Any = No
         return step
 
     return StepTransform("optimize", Phase.OPTIMIZE, wrap)
+
+
+def _check_optimizer_holds_model_parameters(opt: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+    """An optimizer built before ``shard`` (or after a forward that left FSDP's parameters
+    unsharded) holds tensors the model no longer trains: it would silently step nothing."""
+    current = {id(p) for p in model.parameters()}
+    stale = sum(1 for group in opt.param_groups for p in group["params"] if id(p) not in current)
+    if stale:
+        raise CompositionError(
+            f"the optimizer holds {stale} tensor(s) that are not parameters of the model being "
+            "trained. Build the optimizer after the model transforms (shard, replicate, "
+            "parallelize, autocast_fp8) and before any forward pass, from model.parameters()."
+        )
