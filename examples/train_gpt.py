@@ -23,7 +23,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import torchdist as td
-from torchdist.transforms import accumulate, autocast, clip_grads, compose, optimize, sync_grads, value_and_grad
+from torchdist.transforms import (
+    accumulate,
+    autocast,
+    clip_grads,
+    compose,
+    optimize,
+    sync_grads,
+    value_and_grad,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -43,7 +51,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         h = self.norm1(x)
-        q, k, v = (p(h).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        q, k, v = (
+            p(h).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v)
+        )
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(att.transpose(1, 2).reshape(b, t, -1))
         return x + self.down(F.gelu(self.up(self.norm2(x))))
@@ -56,7 +66,9 @@ TP_PLAN = {
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab: int = 256, dim: int = 128, layers: int = 2, heads: int = 4, seq: int = 64):
+    def __init__(
+        self, vocab: int = 256, dim: int = 128, layers: int = 2, heads: int = 4, seq: int = 64
+    ):
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(seq, dim)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
@@ -103,7 +115,8 @@ def build_step(args, topo: td.Topology, model: nn.Module):
         model = replicate(model, topo)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1)))
+        opt,
+        lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1))),
     )
     transforms = [optimize(opt, sched), clip_grads(1.0), sync_grads(topo)]
     if args.accumulate > 1:
@@ -125,7 +138,8 @@ def save_loss_curve(path: str, losses: list[tuple[int, float]]) -> None:
     y = lambda v: h - pad - (h - 2 * pad) * (v - lo) / max(hi - lo, 1e-9)
     points = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in losses)
     svg = (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">'
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+        f'font-family="sans-serif" font-size="12">'
         f'<rect width="100%" height="100%" fill="white"/>'
         f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>'
         f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>'
@@ -147,9 +161,13 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--parallel", choices=("shard", "replicate", "tp", "sync"), default="shard",
-                        help="shard (FSDP2), replicate (DDP), tp (tensor parallel) or sync (plain "
-                        "model + sync_grads)")
+    parser.add_argument(
+        "--parallel",
+        choices=("shard", "replicate", "tp", "sync"),
+        default="shard",
+        help="shard (FSDP2), replicate (DDP), tp (tensor parallel) or sync (plain "
+        "model + sync_grads)",
+    )
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--compile", action="store_true")
@@ -171,8 +189,13 @@ def main() -> None:
         model, opt, sched, step = build_step(args, topo, model)
         corpus = load_corpus()
         state = td.TrainState(model=model, optimizer=opt, scheduler=sched)
-        bar = td.progress(range(args.steps), topo, tokens_per_step=args.batch * args.seq,
-                          every=args.log_every, use_tqdm=False)
+        bar = td.progress(
+            range(args.steps),
+            topo,
+            tokens_per_step=args.batch * args.seq,
+            every=args.log_every,
+            use_tqdm=False,
+        )
         losses, start = [], time.perf_counter()
         for i in bar:
             x, y = global_batch(corpus, i, args.batch, args.seq, args.seed)
@@ -182,8 +205,11 @@ def main() -> None:
                 m = td.all_reduce(metrics, topo, op="mean", axis="dp")  # reduced only when logged
                 losses.append((i + 1, m["loss"].item()))
                 bar.log(loss=m["loss"], grad_norm=m["grad_norm"])
-        td.print0(topo, f"done: {args.steps} steps in {time.perf_counter() - start:.1f} s, "
-                        f"final loss {losses[-1][1]:.4f}")
+        td.print0(
+            topo,
+            f"done: {args.steps} steps in {time.perf_counter() - start:.1f} s, "
+            f"final loss {losses[-1][1]:.4f}",
+        )
         if td.is_main(topo) and args.loss_curve:
             save_loss_curve(args.loss_curve, losses)
             print(f"loss curve: {args.loss_curve}")

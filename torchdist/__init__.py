@@ -83,7 +83,17 @@ __all__ = [
     "DistributedTimeoutError",
 ]
 
-_LAZY_SUBMODULES = ("data", "transforms", "sharding", "precision", "checkpoint", "cli", "marks", "memory", "blocks")
+_LAZY_SUBMODULES = (
+    "data",
+    "transforms",
+    "sharding",
+    "precision",
+    "checkpoint",
+    "cli",
+    "marks",
+    "memory",
+    "blocks",
+)
 
 
 def __getattr__(name: str) -> Any:

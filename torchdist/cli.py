@@ -34,7 +34,7 @@ _EXTRAS = {
 
 
 def launch_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str], str]:
-    """The torchrun command line, the environment additions and a sentence saying what was chosen."""
+    """The torchrun command line, the environment it adds, and a sentence saying what it chose."""
     import torch
 
     from torchdist.topology import parse_mesh
@@ -91,7 +91,9 @@ def _env(args: argparse.Namespace) -> int:
     print(f"python      {platform.python_version()} ({platform.platform()})")
     for name in ("torch", "optree", "safetensors", "torchao", "deepspeed", "msamp", "numpy"):
         print(f"{name:<11} {_version(name)}")
-    print(f"cuda        {torch.version.cuda or 'CPU build'}; available: {torch.cuda.is_available()}")
+    print(
+        f"cuda        {torch.version.cuda or 'CPU build'}; available: {torch.cuda.is_available()}"
+    )
     for index in range(torch.cuda.device_count()):
         print(f"  cuda:{index}    {torch.cuda.get_device_name(index)}")
     backends = {

@@ -15,7 +15,9 @@ Example::
 
     with td.distributed(td.Topology.from_env()) as topo:
         metrics = td.all_reduce({"loss": loss, "acc": acc}, topo, op="mean", axis="dp")
-        preds = td.gather_for_metrics(logits.argmax(-1), topo, dataset_len=len(val_set), samples_seen=n)
+        preds = td.gather_for_metrics(
+            logits.argmax(-1), topo, dataset_len=len(val_set), samples_seen=n
+        )
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ def resolve_group(over: Over, axis: Axis = None):
     if isinstance(over, dist.ProcessGroup):
         return over
     raise TopologyError(
-        f"cannot communicate over a {type(over).__name__}; pass a live Topology or a 1-D DeviceMesh."
+        f"cannot communicate over a {type(over).__name__}; pass a live Topology or a 1-D "
+        "DeviceMesh."
     )
 
 
@@ -196,8 +199,10 @@ def _moved_as_bytes(tensors: list[torch.Tensor], run) -> list[torch.Tensor]:
     return out
 
 
-_REDUCIBLE = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
-              torch.int32, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)  # fmt: skip
+_REDUCIBLE = (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+    torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- collectives
@@ -296,6 +301,7 @@ def _check_same(rows: torch.Tensor, index: int, *, skip_first_dim: bool) -> None
     if skip_first_dim:
         compare[:, 2] = 0
     if not bool((compare == compare[0]).all()):
+
         def describe(row):
             dtype = _DTYPES[int(row[0])]
             return f"{dtype}{tuple(int(d) for d in row[2 : 2 + int(row[1])])}"
@@ -370,7 +376,9 @@ def broadcast(tree: Any, over: Over, *, src: int = 0, axis: Axis = None) -> Any:
                         dtype=_DTYPES[int(row[0])], device=device)
             for row in meta
         ]  # fmt: skip
-    tensors = _moved_as_bytes(tensors, lambda flat: dist.broadcast(flat, group_src=src, group=group))
+    tensors = _moved_as_bytes(
+        tensors, lambda flat: dist.broadcast(flat, group_src=src, group=group)
+    )
     objects = [x for x, t in zip(leaves, is_tensor) if not t]
     if objects:
         dist.broadcast_object_list(objects, group_src=src, group=group)
@@ -438,7 +446,9 @@ def gather_for_metrics(
 
         seen = 0
         for x, y in loader:
-            preds = td.gather_for_metrics(model(x).argmax(-1), topo, dataset_len=len(ds), samples_seen=seen)
+            preds = td.gather_for_metrics(
+                model(x).argmax(-1), topo, dataset_len=len(ds), samples_seen=seen
+            )
             seen += len(preds)
     """
     if not isinstance(over, Topology):

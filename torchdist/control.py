@@ -39,7 +39,7 @@ __all__ = [
 
 
 def is_main(topo: Topology, *, local: bool = False) -> bool:
-    """True on global rank 0 (``local=True``: on local rank 0 of each host). Communicates nothing."""
+    """True on global rank 0 (``local=True``: local rank 0 of each host). Communicates nothing."""
     return (topo.local_rank if local else topo.rank) == 0
 
 
@@ -100,9 +100,7 @@ def split_between_ranks(
             raise TopologyError(
                 f"split_between_ranks of a mapping needs values of one length, got {lengths}."
             )
-        return type(seq_or_tree)(
-            {k: _split(v, index, count, pad) for k, v in seq_or_tree.items()}
-        )
+        return type(seq_or_tree)({k: _split(v, index, count, pad) for k, v in seq_or_tree.items()})
     return _split(seq_or_tree, index, count, pad)
 
 
@@ -118,7 +116,9 @@ def _split(seq: Any, index: int, count: int, pad: bool) -> Any:
     if missing == 0:
         return part
     if n == 0:
-        raise TopologyError("split_between_ranks(pad=True) of an empty sequence has nothing to repeat.")
+        raise TopologyError(
+            "split_between_ranks(pad=True) of an empty sequence has nothing to repeat."
+        )
     last = seq[n - 1 : n]
     if isinstance(seq, torch.Tensor):
         return torch.cat([part, last.expand(missing, *last.shape[1:])])

@@ -33,7 +33,7 @@ class CompositionError(TorchdistError, ValueError):
 
 
 class CollectiveError(TorchdistError, ValueError):
-    """A collective was handed something it cannot communicate (a non-tensor leaf, mismatched trees)."""
+    """A collective got something it cannot communicate (a non-tensor leaf, mismatched trees)."""
 
 
 class StepError(TorchdistError, ValueError):

@@ -33,12 +33,14 @@ def mark(
     """Record that transform ``name`` was applied; optionally register a post-step hook."""
     object.__setattr__(model, _ATTR, applied(model) + (name,))
     if after_optimizer_step is not None:
-        object.__setattr__(model, _HOOKS, after_optimizer_step_hooks(model) + (after_optimizer_step,))
+        object.__setattr__(
+            model, _HOOKS, after_optimizer_step_hooks(model) + (after_optimizer_step,)
+        )
     return model
 
 
 def after_optimizer_step_hooks(model: torch.nn.Module) -> tuple[Callable[[], Any], ...]:
-    """Callables ``optimize`` runs after every applied optimizer step (e.g. fp8 scale precompute)."""
+    """What ``optimize`` runs after every applied optimizer step (e.g. fp8 scale precompute)."""
     return tuple(getattr(model, _HOOKS, ()))
 
 
@@ -56,7 +58,7 @@ def data_parallel_owner(model: Any) -> str | None:
     from torchdist._compat import is_composable_ddp
 
     if isinstance(model, DistributedDataParallel) or is_composable_ddp(model):
-        return "the model is wrapped in DistributedDataParallel (replicate), which all-reduces gradients"
+        return "the model is DistributedDataParallel (replicate), which syncs its gradients"
     for name in ("shard", "replicate", "deepspeed"):
         if name in applied(model):
             return f"torchdist.{name} already syncs this model's gradients"

@@ -21,7 +21,9 @@ __all__ = ["to_device"]
 T = TypeVar("T")
 
 
-def to_device(tree: T, topo: Topology | torch.device | str, *, non_blocking: bool | None = None) -> T:
+def to_device(
+    tree: T, topo: Topology | torch.device | str, *, non_blocking: bool | None = None
+) -> T:
     """``tree`` with every tensor on ``topo.device``; a module is moved in place and returned.
 
     Leaves that are not tensors but have a ``.to`` method (a Hugging Face ``BatchEncoding``) are

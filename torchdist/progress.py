@@ -68,7 +68,11 @@ class Progress:
             if not self.show or (count % self.every and count != self.total):
                 continue
             now = time.perf_counter()
-            rate = self.every / max(now - last, 1e-9) if count % self.every == 0 else count / (now - start)
+            rate = (
+                self.every / max(now - last, 1e-9)
+                if count % self.every == 0
+                else count / (now - start)
+            )
             last = now
             self._display(count, rate)
         if self._bar is not None:

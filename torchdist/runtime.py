@@ -23,7 +23,7 @@ import torch
 
 from torchdist._compat import flatten_mesh
 from torchdist.errors import TopologyError
-from torchdist.topology import AXES, ALIASES, Topology
+from torchdist.topology import ALIASES, AXES, Topology
 
 __all__ = ["distributed", "as_timedelta"]
 

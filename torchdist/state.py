@@ -45,7 +45,9 @@ class LossScale:
     growth_interval: int = 2000
 
     @classmethod
-    def initial(cls, device: torch.device | str, init_scale: float = 2.0**16, **kw: Any) -> LossScale:
+    def initial(
+        cls, device: torch.device | str, init_scale: float = 2.0**16, **kw: Any
+    ) -> LossScale:
         return cls(
             scale=torch.full((), init_scale, dtype=torch.float32, device=device),
             growth_tracker=torch.zeros((), dtype=torch.int32, device=device),

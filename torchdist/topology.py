@@ -101,7 +101,9 @@ class Topology:
         for name in ("world_size", "rank", "local_rank", "local_world_size", "master_port"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise TopologyError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
+                raise TopologyError(
+                    f"{name} must be an int, got {value!r} ({type(value).__name__})."
+                )
         if self.world_size < 1:
             raise TopologyError(f"world_size must be at least 1, got {self.world_size}.")
         if not 0 <= self.rank < self.world_size:
@@ -117,7 +119,8 @@ class Topology:
             )
         if not 0 <= self.local_rank < local_world:
             raise TopologyError(
-                f"local_rank {self.local_rank} is out of range for {local_world} processes per host."
+                f"local_rank {self.local_rank} is out of range for {local_world} processes per "
+                "host."
             )
         object.__setattr__(self, "local_world_size", local_world)
         object.__setattr__(self, "dp_shard", self._resolve_axes())
@@ -335,7 +338,7 @@ class Topology:
         return rank
 
     def replace(self, **changes: Any) -> Topology:
-        """``dataclasses.replace`` spelled as a method; the live mesh is dropped when axes change."""
+        """``dataclasses.replace`` as a method; the live mesh is dropped when the layout changes."""
         if self.mesh is not None and set(changes) - {"mesh", "flattened"}:
             changes.setdefault("mesh", None)
             changes.setdefault("flattened", {})
@@ -349,7 +352,9 @@ def parse_mesh(text: str) -> dict[str, int]:
         name, _, size = part.partition("=")
         name = name.strip()
         if name not in AXES:
-            raise TopologyError(f"unknown mesh axis {name!r} in {text!r}; the axes are {list(AXES)}.")
+            raise TopologyError(
+                f"unknown mesh axis {name!r} in {text!r}; the axes are {list(AXES)}."
+            )
         try:
             axes[name] = int(size)
         except ValueError:

@@ -57,4 +57,3 @@ def replicate(model: nn.Module, mesh: Any, *, bucket_mb: float = 25.0) -> nn.Mod
         )
     composable_replicate(model, process_group=dp_mesh.get_group(), bucket_cap_mb=bucket_mb)
     return mark(model, "replicate")
-

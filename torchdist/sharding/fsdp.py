@@ -111,7 +111,9 @@ def shard(
         fully_shard(block, **kwargs)
     # The root's parameters (embeddings, head) are gathered once per step, not resharded after
     # the forward: its all-gather would be the first thing the backward needs anyway.
-    fully_shard(model, **{**kwargs, "reshard_after_forward": False if units else reshard_after_forward})
+    fully_shard(
+        model, **{**kwargs, "reshard_after_forward": False if units else reshard_after_forward}
+    )
     return mark(model, "shard")
 
 

@@ -38,7 +38,8 @@ def autocast(
 
     Example::
 
-        step = compose(optimize(opt), clip_grads(1.0), autocast(torch.float16))(value_and_grad(loss_fn))
+        fp16 = compose(optimize(opt), clip_grads(1.0), autocast(torch.float16))
+        step = fp16(value_and_grad(loss_fn))
         state, metrics = step(state, batch)      # metrics["skipped"]: True on an overflowed step
     """
     if dtype not in (torch.bfloat16, torch.float16):
@@ -56,9 +57,7 @@ def autocast(
                 scaler = state.scaler
                 if scaler is None:
                     device = next(state.model.parameters()).device
-                    scaler = LossScale.initial(
-                        device, init_scale, growth_interval=growth_interval
-                    )
+                    scaler = LossScale.initial(device, init_scale, growth_interval=growth_interval)
                     state = state.replace(scaler=scaler)
                 ctx = ctx.replace(loss_scale=scaler.scale)
             new_state, metrics = inner(state.replace(context=ctx), batch)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-import torch
-
 from torchdist.blocks import repeated_blocks
 from torchdist.state import StepFn, TrainState
 from torchdist.transforms.composition import Phase, StepTransform
@@ -26,7 +24,7 @@ def compile(*, regional: bool = True, **torch_compile_kwargs: Any) -> StepTransf
 
     Example::
 
-        step = compose(optimize(opt), compile(mode="max-autotune-no-cudagraphs"))(value_and_grad(loss_fn))
+        step = compose(optimize(opt), compile(dynamic=False))(value_and_grad(loss_fn))
     """
     compiled: weakref.WeakSet = weakref.WeakSet()
 

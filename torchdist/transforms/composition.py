@@ -62,7 +62,7 @@ def step_function(fn: StepFn, chain: tuple[tuple[str, Phase], ...], info: dict) 
 
 
 def _check_wrap(name: str, phase: Phase, inner: tuple[tuple[str, Phase], ...]) -> None:
-    for inner_name, inner_phase in inner:
+    for inner_name, _ in inner:
         if inner_name == name:
             raise CompositionError(
                 f"{name} is applied twice; each step transform may appear once. The order that "

@@ -15,7 +15,9 @@ from torchdist.transforms.composition import Phase, StepTransform
 __all__ = ["optimize"]
 
 
-def optimize(optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> StepTransform:
+def optimize(
+    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None
+) -> StepTransform:
     """After the inner step: ``optimizer.step()``, ``zero_grad(set_to_none=True)``, scheduler.
 
     ``optimizer``/``scheduler`` default to the ones in the ``TrainState``. The scheduler steps
@@ -74,7 +76,9 @@ def optimize(optimizer: torch.optim.Optimizer | None = None, scheduler: Any = No
     return StepTransform("optimize", Phase.OPTIMIZE, wrap)
 
 
-def _check_optimizer_holds_model_parameters(opt: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+def _check_optimizer_holds_model_parameters(
+    opt: torch.optim.Optimizer, model: torch.nn.Module
+) -> None:
     """An optimizer built before ``shard`` (or after a forward that left FSDP's parameters
     unsharded) holds tensors the model no longer trains: it would silently step nothing."""
     current = {id(p) for p in model.parameters()}

@@ -222,7 +222,9 @@ def sync_grads(topo: Topology, *, bucket_mb: float = 25.0, axis: Axis = "dp") ->
                 return inner(state, batch)
             sync.begin()
             try:
-                new_state, metrics = inner(state.replace(context=state.context.replace(grad_sync=sync)), batch)
+                new_state, metrics = inner(
+                    state.replace(context=state.context.replace(grad_sync=sync)), batch
+                )
                 sync.finish()
             except BaseException:
                 sync.abort()
