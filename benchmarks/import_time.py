@@ -140,15 +140,19 @@ def main() -> None:
     print("  " + summary("median `import torchdist`", wall["torchdist"]))
     wall_diff, wall_pair = diffs(wall)
     print(f"  difference of medians     : {wall_diff * 1000:+.1f} ms")
-    print(f"  median per-pair difference: {wall_pair * 1000:+.1f} ms "
-          f"(IQR of the pair differences: {spread(wall) * 1000:.0f} ms)")
+    print(
+        f"  median per-pair difference: {wall_pair * 1000:+.1f} ms "
+        f"(IQR of the pair differences: {spread(wall) * 1000:.0f} ms)"
+    )
     print("cpu time (user + sys of the child)")
     print("  " + summary("median `import torch`", cpu["torch"]))
     print("  " + summary("median `import torchdist`", cpu["torchdist"]))
     cpu_diff, cpu_pair = diffs(cpu)
     print(f"  difference of medians     : {cpu_diff * 1000:+.1f} ms")
-    print(f"  median per-pair difference: {cpu_pair * 1000:+.1f} ms "
-          f"(IQR of the pair differences: {spread(cpu) * 1000:.0f} ms)")
+    print(
+        f"  median per-pair difference: {cpu_pair * 1000:+.1f} ms "
+        f"(IQR of the pair differences: {spread(cpu) * 1000:.0f} ms)"
+    )
     inc_wall = [w for w, _ in incremental]
     inc_cpu = [c for _, c in incremental]
     print("in one process: `import torchdist` right after `import torch`")
@@ -164,12 +168,16 @@ def main() -> None:
         verdict = "meets" if value < GOAL_S else "misses"
         print(f"  {name:<42}: {value * 1000:+7.1f} ms -> {verdict} the goal")
     if spread(wall) > GOAL_S:
-        print("  (the whole-process wall difference is within noise on this machine: the pair "
-              "differences spread wider than the goal; trust the in-process figures)")
+        print(
+            "  (the whole-process wall difference is within noise on this machine: the pair "
+            "differences spread wider than the goal; trust the in-process figures)"
+        )
 
     heavy = heavy_modules(env)
-    print(f"heavy modules imported by `import torchdist`: {heavy or 'none'} "
-          f"(checked: {', '.join(HEAVY)})")
+    print(
+        f"heavy modules imported by `import torchdist`: {heavy or 'none'} "
+        f"(checked: {', '.join(HEAVY)})"
+    )
 
 
 if __name__ == "__main__":

@@ -70,7 +70,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
         return x + self.out(F.gelu(self.fc(self.ln2(x))))
@@ -269,7 +270,11 @@ def single_process(args: argparse.Namespace, tiny: bool, rounds: int, steps: int
     step_s = compose(optimize(opt_s))(value_and_grad(loss_fn))
     variants = [
         Variant("hand-written loop", hand_written(model_h, opt_h), data),
-        Variant("compose(optimize)(value_and_grad)", composed(step_s, td.TrainState(model_s, opt_s)), data),
+        Variant(
+            "compose(optimize)(value_and_grad)",
+            composed(step_s, td.TrainState(model_s, opt_s)),
+            data,
+        ),
     ]
     for variant in variants:
         variant.run(args.warmup * (20 if tiny else 1))
@@ -287,21 +292,24 @@ def column(table: list[list[float]], i: int) -> list[float]:
 
 
 def ratios(table: list[list[float]], i: int, base: int = 0) -> tuple[float, float, float, float]:
-    """(ratio of medians, median of per-round ratios, its quartiles) of column i over column base."""
+    """Column i over column base: ratio of medians, median of per-round ratios, its quartiles."""
     per_round = [row[i] / row[base] for row in table]
     q = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else [per_round[0]] * 3
     return med(column(table, i)) / med(column(table, base)), med(per_round), q[0], q[2]
 
 
 def report_table(names: list[str], wall: list[list[float]], cpu: list[list[float]]) -> None:
-    print(f"  {'variant':<36}{'wall ms/step: median':>21}{' (IQR)':<14}{'min':>7}"
-          f"{'cpu ms/step':>13}")
+    print(
+        f"  {'variant':<36}{'wall ms/step: median':>21}{' (IQR)':<14}{'min':>7}{'cpu ms/step':>13}"
+    )
     for i, name in enumerate(names):
         w = column(wall, i)
         q = statistics.quantiles(w, n=4) if len(w) > 1 else [w[0]] * 3
         iqr = f" ({q[0] * 1e3:.1f}-{q[2] * 1e3:.1f})"
-        print(f"  {name:<36}{med(w) * 1e3:>21.2f}{iqr:<14}{min(w) * 1e3:>7.2f}"
-              f"{med(column(cpu, i)) * 1e3:>13.2f}")
+        print(
+            f"  {name:<36}{med(w) * 1e3:>21.2f}{iqr:<14}{min(w) * 1e3:>7.2f}"
+            f"{med(column(cpu, i)) * 1e3:>13.2f}"
+        )
 
 
 def report_ratio(label: str, wall, cpu, i: int, goal: float) -> None:
@@ -309,9 +317,11 @@ def report_ratio(label: str, wall, cpu, i: int, goal: float) -> None:
     c_med, c_round, _, _ = ratios(cpu, i)
     r_min = min(column(wall, i)) / min(column(wall, 0))
     verdict = "meets" if r_round <= goal else "misses"
-    print(f"  {label}: wall {r_round:.3f} = median of per-round ratios (IQR {q1:.3f}-{q3:.3f}); "
-          f"{r_med:.3f} of medians, {r_min:.3f} of minima; cpu {c_round:.3f} per-round, "
-          f"{c_med:.3f} of medians -> wall {verdict} the goal <= {goal}")
+    print(
+        f"  {label}: wall {r_round:.3f} = median of per-round ratios (IQR {q1:.3f}-{q3:.3f}); "
+        f"{r_med:.3f} of medians, {r_min:.3f} of minima; cpu {c_round:.3f} per-round, "
+        f"{c_med:.3f} of medians -> wall {verdict} the goal <= {goal}"
+    )
 
 
 def main() -> None:
@@ -324,31 +334,43 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="batch per rank")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     parser.add_argument("--bucket-mb", type=float, default=25.0, help="sync_grads bucket size")
-    parser.add_argument("--tiny-steps", type=int, default=200,
-                        help="steps per block for the tiny-model overhead measurement")
+    parser.add_argument(
+        "--tiny-steps",
+        type=int,
+        default=200,
+        help="steps per block for the tiny-model overhead measurement",
+    )
     parser.add_argument("--skip-distributed", action="store_true", help="only the 1-process part")
     parser.add_argument("--skip-single", action="store_true", help="only the 2-rank part")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    print(f"model: GPT vocab {VOCAB}, dim {args.dim}, {args.layers} layers, seq {args.seq}, "
-          f"batch {args.batch} per rank, AdamW; torch {torch.__version__}, 1 thread per rank")
-    print(f"timing: {args.rounds} rounds x {args.steps} steps per variant, order rotating, "
-          f"{args.warmup} warm-up steps; medians over rounds")
+    print(
+        f"model: GPT vocab {VOCAB}, dim {args.dim}, {args.layers} layers, seq {args.seq}, "
+        f"batch {args.batch} per rank, AdamW; torch {torch.__version__}, 1 thread per rank"
+    )
+    print(
+        f"timing: {args.rounds} rounds x {args.steps} steps per variant, order rotating, "
+        f"{args.warmup} warm-up steps; medians over rounds"
+    )
 
     if not args.skip_distributed:
         started = time.perf_counter()
         res = td.spawn(rank_main, 2, args, debug="OFF", timeout=1800.0)[0]
-        print(f"\n2 ranks (td.spawn, gloo, CPU), {res['params'] / 1e6:.2f} M parameters "
-              f"[{time.perf_counter() - started:.0f} s]")
+        print(
+            f"\n2 ranks (td.spawn, gloo, CPU), {res['params'] / 1e6:.2f} M parameters "
+            f"[{time.perf_counter() - started:.0f} s]"
+        )
         print(f"  (b) sync_grads: {res['sync_b']}")
         print(f"  (c) model: {res['how_c']}; sync_grads: {res['sync_c']}")
         report_table(res["names"], res["wall"], res["cpu"])
         report_ratio("(b)/(a)", res["wall"], res["cpu"], 1, GOAL_RATIO)
         report_ratio("(c)/(a)", res["wall"], res["cpu"], 2, GOAL_RATIO)
         d = res["diffs"]
-        print(f"  parity after training (max |param difference|): a vs b {d['a-b']:.2e}, "
-              f"a vs c {d['a-c']:.2e}")
+        print(
+            f"  parity after training (max |param difference|): a vs b {d['a-b']:.2e}, "
+            f"a vs c {d['a-c']:.2e}"
+        )
 
     if args.skip_single:
         return
@@ -358,17 +380,21 @@ def main() -> None:
     report_table(names, wall, cpu)
     r_med, r_round, q1, q3 = ratios(wall, 1)
     c_med, c_round, _, _ = ratios(cpu, 1)
-    print(f"  overhead: wall {100 * (r_round - 1):+.2f}% per-round median "
-          f"(IQR {100 * (q1 - 1):+.2f}% to {100 * (q3 - 1):+.2f}%), {100 * (r_med - 1):+.2f}% of "
-          f"medians; cpu {100 * (c_round - 1):+.2f}% / {100 * (c_med - 1):+.2f}%")
+    print(
+        f"  overhead: wall {100 * (r_round - 1):+.2f}% per-round median "
+        f"(IQR {100 * (q1 - 1):+.2f}% to {100 * (q3 - 1):+.2f}%), {100 * (r_med - 1):+.2f}% of "
+        f"medians; cpu {100 * (c_round - 1):+.2f}% / {100 * (c_med - 1):+.2f}%"
+    )
     print(f"  parity: max |param difference| {diff:.2e}")
     real_step = med(column(wall, 0))
     real_step_cpu = med(column(cpu, 0))
 
     started = time.perf_counter()
     names, wall, cpu, _ = single_process(args, True, args.rounds, args.tiny_steps)
-    print(f"\n1 process, tiny model ({args.tiny_steps} steps per block) "
-          f"[{time.perf_counter() - started:.0f} s]")
+    print(
+        f"\n1 process, tiny model ({args.tiny_steps} steps per block) "
+        f"[{time.perf_counter() - started:.0f} s]"
+    )
     print(f"  {'variant':<36}{'wall us/step':>14}{'cpu us/step':>14}")
     for i, name in enumerate(names):
         print(f"  {name:<36}{med(column(wall, i)) * 1e6:>14.1f}{med(column(cpu, i)) * 1e6:>14.1f}")
@@ -377,13 +403,19 @@ def main() -> None:
     share = extra_wall / real_step
     share_cpu = extra_cpu / real_step_cpu
     verdict = "meets" if share < GOAL_OVERHEAD else "misses"
-    print(f"  composed-step Python overhead: {extra_wall * 1e6:+.1f} us/step wall, "
-          f"{extra_cpu * 1e6:+.1f} us/step cpu (per-round median difference)")
-    print(f"  = {100 * share:+.3f}% (wall) / {100 * share_cpu:+.3f}% (cpu) of the real model's "
-          f"hand-written step -> {verdict} the goal < {100 * GOAL_OVERHEAD:.0f}%")
+    print(
+        f"  composed-step Python overhead: {extra_wall * 1e6:+.1f} us/step wall, "
+        f"{extra_cpu * 1e6:+.1f} us/step cpu (per-round median difference)"
+    )
+    print(
+        f"  = {100 * share:+.3f}% (wall) / {100 * share_cpu:+.3f}% (cpu) of the real model's "
+        f"hand-written step -> {verdict} the goal < {100 * GOAL_OVERHEAD:.0f}%"
+    )
     if math.isfinite(share) and share > GOAL_OVERHEAD:
-        print("  profile it: python -m cProfile -s cumtime benchmarks/step_overhead.py "
-              "--skip-distributed")
+        print(
+            "  profile it: python -m cProfile -s cumtime benchmarks/step_overhead.py "
+            "--skip-distributed"
+        )
 
 
 if __name__ == "__main__":

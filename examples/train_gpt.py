@@ -86,12 +86,18 @@ def load_corpus() -> torch.Tensor:
     return torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
 
 
-def global_batch(corpus: torch.Tensor, step: int, batch: int, seq: int, seed: int):
-    """The same global batch on every rank: a pure function of (seed, step)."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = torch.randint(0, corpus.numel() - seq - 1, (batch,), generator=gen)
-    window = torch.stack([corpus[s : s + seq + 1] for s in starts.tolist()])
-    return window[:, :-1], window[:, 1:]
+class Windows(torch.utils.data.Dataset):
+    """Overlapping windows of ``seq + 1`` bytes, every ``seq // 2`` bytes: (input, target)."""
+
+    def __init__(self, corpus: torch.Tensor, seq: int) -> None:
+        self.corpus, self.seq, self.stride = corpus, seq, seq // 2
+
+    def __len__(self) -> int:
+        return (self.corpus.numel() - self.seq - 1) // self.stride
+
+    def __getitem__(self, i: int):
+        window = self.corpus[i * self.stride : i * self.stride + self.seq + 1]
+        return window[:-1], window[1:]
 
 
 def loss_fn(model: nn.Module, batch) -> torch.Tensor:
@@ -161,17 +167,15 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument(
-        "--parallel",
-        choices=("shard", "replicate", "tp", "sync"),
-        default="shard",
-        help="shard (FSDP2), replicate (DDP), tp (tensor parallel) or sync (plain "
-        "model + sync_grads)",
-    )
+    parser.add_argument("--parallel", choices=("shard", "replicate", "tp", "sync"), default="shard",
+                        help="shard (FSDP2), replicate (DDP), tp (tensor parallel) or sync (plain "
+                        "model + sync_grads)")  # fmt: skip
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--checkpoint-activations", action="store_true")
+    parser.add_argument("--checkpoint-dir", default="", help="save here; resume from the newest")
+    parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--loss-curve", default="runs/loss_curve.svg")
@@ -187,32 +191,40 @@ def main() -> None:
         td.set_seed(args.seed)
         model = td.to_device(GPT(dim=args.dim, layers=args.layers, seq=args.seq), topo)
         model, opt, sched, step = build_step(args, topo, model)
-        corpus = load_corpus()
+        data = Windows(load_corpus(), args.seq)
+        per_rank = args.batch // topo.size("dp")
+        loader = td.shard_loader(data, topo, batch_size=per_rank, seed=args.seed, drop_last=True)
         state = td.TrainState(model=model, optimizer=opt, scheduler=sched)
-        bar = td.progress(
-            range(args.steps),
-            topo,
-            tokens_per_step=args.batch * args.seq,
-            every=args.log_every,
-            use_tqdm=False,
-        )
-        losses, start = [], time.perf_counter()
+        ckpt = pathlib.Path(args.checkpoint_dir) if args.checkpoint_dir else None
+        if ckpt is not None and any(ckpt.glob("step_*")):
+            state = td.checkpoint.load(ckpt, state, topo, loader=loader)
+            td.print0(topo, f"resumed from {ckpt} at step {state.step}")
+        bar = td.progress(range(state.step, args.steps), topo, every=args.log_every,
+                          tokens_per_step=args.batch * args.seq, use_tqdm=False)  # fmt: skip
+        batches, losses, start = _forever(loader), [], time.perf_counter()
         for i in bar:
-            x, y = global_batch(corpus, i, args.batch, args.seq, args.seed)
-            mine = td.split_between_ranks({"x": x, "y": y}, topo, axis="dp")
-            state, metrics = step(state, td.to_device((mine["x"], mine["y"]), topo))
+            state, metrics = step(state, next(batches))
             if (i + 1) % args.log_every == 0 or i + 1 == args.steps:
                 m = td.all_reduce(metrics, topo, op="mean", axis="dp")  # reduced only when logged
                 losses.append((i + 1, m["loss"].item()))
                 bar.log(loss=m["loss"], grad_norm=m["grad_norm"])
-        td.print0(
-            topo,
-            f"done: {args.steps} steps in {time.perf_counter() - start:.1f} s, "
-            f"final loss {losses[-1][1]:.4f}",
-        )
-        if td.is_main(topo) and args.loss_curve:
+            if ckpt is not None and (
+                state.step % args.checkpoint_every == 0 or i + 1 == args.steps
+            ):
+                td.checkpoint.save(ckpt, state, topo, loader=loader, keep=2)
+        if losses:
+            elapsed = time.perf_counter() - start
+            td.print0(
+                topo, f"done at step {state.step} ({elapsed:.1f} s), final loss {losses[-1][1]:.4f}"
+            )
+        if td.is_main(topo) and args.loss_curve and len(losses) > 1:
             save_loss_curve(args.loss_curve, losses)
             print(f"loss curve: {args.loss_curve}")
+
+
+def _forever(loader):
+    while True:
+        yield from loader
 
 
 if __name__ == "__main__":

@@ -72,7 +72,9 @@ def loss_fn(model: nn.Module, batch) -> torch.Tensor:
     return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
 
 
-def markov_batches(steps: int, batch: int, seq: int, vocab: int = 64, fanout: int = 4, seed: int = 0):
+def markov_batches(
+    steps: int, batch: int, seq: int, vocab: int = 64, fanout: int = 4, seed: int = 0
+):
     """``steps`` batches of ``(tokens, next tokens)`` from a fixed random Markov chain."""
     gen = torch.Generator().manual_seed(seed)
     successors = torch.randint(0, vocab, (vocab, fanout), generator=gen)

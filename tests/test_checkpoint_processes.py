@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import multiprocessing
 import os
@@ -147,7 +148,11 @@ def _partial_save(path: str) -> str | None:
 @pytest.mark.multiprocess
 def test_a_save_killed_mid_write_leaves_the_previous_checkpoint(tmp_path):
     proc = multiprocessing.get_context("fork").Process(target=_save_forever, args=(str(tmp_path),))
-    proc.start()
+    gc.freeze()  # an earlier in-process world's garbage must not be finalised in the child
+    try:
+        proc.start()
+    finally:
+        gc.unfreeze()
     deadline = time.monotonic() + 60
     partial = None
     try:

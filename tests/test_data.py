@@ -81,7 +81,9 @@ def test_uneven_last_batch_and_drop_last():
     assert [len(x) for x in uneven[0]] == [4, 4, 4]
     assert [len(x) for x in uneven[1]] == [4, 4, 2]
     assert sorted(torch.cat([*uneven[0], *uneven[1]]).tolist()) == list(range(N))
-    dropped = [[x for (x,) in loader] for loader in loaders(2, drop_last=True)]
+    ranks = loaders(2, drop_last=True)
+    dropped = [[x for (x,) in loader] for loader in ranks]
+    assert [loader.epoch for loader in ranks] == [1, 1]
     assert [len(x) for x in dropped[0] + dropped[1]] == [4] * 4
     order = epoch_order(N, 0, 0)
     assert sorted(torch.cat(dropped[0] + dropped[1]).tolist()) == sorted(order[:16].tolist())
@@ -93,6 +95,8 @@ def test_a_rank_with_nothing_left_yields_no_batch():
     assert [len(loader) for loader in ranks] == [1, 1, 1]
     ranks = loaders(3, n=20, even_batches=False)  # second global batch: 8 samples -> 4, 4, 0
     assert [len(loader) for loader in ranks] == [2, 2, 1]
+    assert [len(list(loader)) for loader in ranks] == [2, 2, 1]
+    assert [loader.epoch for loader in ranks] == [1, 1, 1]  # every rank finished the epoch
     assert [len(list(loader)) for loader in ranks] == [2, 2, 1]
 
 
@@ -198,6 +202,18 @@ def test_resume_at_another_world_size_repeats_and_skips_nothing(before, after):
     assert torch.equal(rest, order[state["cursor"] :])  # exactly the next samples, in order
     assert all(loader.epoch == 1 for loader in resumed)
     assert torch.equal(torch.cat(global_batches(resumed)), epoch_order(N, 11, 1))
+
+
+def test_drop_last_after_a_resume_at_a_larger_world_drops_the_short_tail():
+    one = loaders(1, seed=2, drop_last=True)[0]
+    next(iter(one))  # 4 samples consumed
+    two = loaders(2, seed=2, drop_last=True)
+    for loader in two:
+        loader.load_state_dict(one.state_dict())
+    rest = global_batches(two)
+    assert [len(b) for b in rest] == [8]  # order[4:12]; order[12:16] cannot fill a batch of 8
+    assert torch.equal(rest[0], epoch_order(N, 2, 0)[4:12])
+    assert all(loader.epoch == 1 and loader.state_dict()["cursor"] == 0 for loader in two)
 
 
 def test_a_state_saved_after_the_last_batch_resumes_into_the_next_epoch():

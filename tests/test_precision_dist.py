@@ -36,11 +36,29 @@ import torch.nn as nn
 from _precision_models import build_gpt, loss_fn, markov_batches
 
 import torchdist as td
-from torchdist.precision import Float8Recipe, autocast_fp8, converted_layers, low_bit_adamw, optimizer_state_bytes
+from torchdist.precision import (
+    Float8Recipe,
+    autocast_fp8,
+    converted_layers,
+    low_bit_adamw,
+    optimizer_state_bytes,
+)
 from torchdist.sharding import shard
 from torchdist.transforms import accumulate, compose, optimize, value_and_grad
 
 pytest.importorskip("torchao")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """Run this module's tiny ops on one intra-op thread. They gain nothing from more, and on a
+    shared 2-core machine OpenMP's spinning workers made them 4-10x slower (measured: the four
+    50-step runs of test_precision.py took 15 s with 2 threads, 3.5 s with 1). Restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 STEPS, BATCH, SEQ, LR = 3, 8, 16, 0.5
 # Bias-free blocks, so a converted Linear sharded on its own is a unit of fp8 weights only.
@@ -67,7 +85,9 @@ def max_diff(a: dict, b: dict) -> float:
 
 def train(model, topo=None, make_opt=None, micro: int = 1):
     opt = make_opt(model) if make_opt else torch.optim.SGD(model.parameters(), lr=LR)
-    step = compose(optimize(opt), *([accumulate(micro)] if micro > 1 else []))(value_and_grad(loss_fn))
+    step = compose(optimize(opt), *([accumulate(micro)] if micro > 1 else []))(
+        value_and_grad(loss_fn)
+    )
     state, losses = td.TrainState(model=model, optimizer=opt), []
     for batch in BATCHES:
         state, metrics = step(state, local(batch, topo) if topo is not None else batch)
@@ -113,7 +133,8 @@ def test_tensorwise_fp8_under_shard_matches_one_process_and_gathers_bytes(gather
         train(model, topo)
         scales = {  # set by the post-step hook optimize ran
             name: m.weight._local_tensor._precomputed_scale
-            for name, m in model.named_modules() if name in fp8
+            for name, m in model.named_modules()
+            if name in fp8
         }
         return full_params(model), scales, gathers[threading.current_thread().name]
 
@@ -149,6 +170,30 @@ def test_rowwise_with_gw_hp_under_shard_matches_one_process_tightly():
     params = td.in_process(rank, 2)[0]
     assert max_diff(params, ref) < 1e-5
     assert max_diff(ref, full_params(MODEL0)) > 1e-2  # and it trained
+
+
+def test_meta_init_then_fp8_then_shard_then_materialize_trains_the_same():
+    """torchtitan's order: build on meta, convert, shard, materialise -- same losses as eager."""
+    from _precision_models import GPT
+
+    from torchdist.sharding import materialize
+
+    full = MODEL0.state_dict()
+
+    def rank(topo, on_meta):
+        if on_meta:
+            with torch.device("meta"):
+                model = GPT(layers=2, seq=SEQ, bias=False)
+        else:
+            model = copy.deepcopy(MODEL0)
+        model = shard(autocast_fp8(model, Float8Recipe.tensorwise()), topo)
+        if on_meta:  # a copy per rank: set_model_state_dict rewrites the dict it is given
+            materialize(model, "cpu", full_state_dict={k: v.clone() for k, v in full.items()})
+        _, losses = train(model, topo)
+        return torch.stack(losses)
+
+    for meta, eager in zip(td.in_process(rank, 2, True), td.in_process(rank, 2, False)):
+        assert torch.equal(meta, eager)
 
 
 def test_low_bit_adamw_under_shard_keeps_sharded_quantized_state():
@@ -187,6 +232,7 @@ def test_low_bit_adamw_under_shard_keeps_sharded_quantized_state():
     assert relative < 1e-2, relative
     print("low-bit shard", relative.item(), bytes0, bytes1, ref_bytes)
     assert bytes0 == bytes1 < 0.75 * ref_bytes  # each rank holds its shards' state
+
 
 def test_fp8_after_shard_is_refused_and_plain_layers_stay_plain():
     def rank(topo):

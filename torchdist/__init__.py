@@ -63,6 +63,7 @@ __all__ = [
     "pad_across_ranks",
     "gather_for_metrics",
     "to_device",
+    "shard_loader",
     "progress",
     "MetricsLogger",
     "is_main",
@@ -96,7 +97,13 @@ _LAZY_SUBMODULES = (
 )
 
 
+# Public names whose modules import heavier parts of torch (DCP, dataloaders) on first use.
+_LAZY_NAMES = {"shard_loader": "torchdist.data"}
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"torchdist.{name}")
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(_LAZY_NAMES[name]), name)
     raise AttributeError(f"module 'torchdist' has no attribute {name!r}")

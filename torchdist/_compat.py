@@ -15,6 +15,7 @@ __all__ = [
     "flatten_mesh",
     "install_thread_world",
     "is_composable_ddp",
+    "dcp_metadata_path",
     "composable_replicate",
     "composable_checkpoint",
 ]
@@ -111,3 +112,10 @@ def is_composable_ddp(module) -> bool:
     from torch.distributed._composable.replicate import DDP
 
     return isinstance(module, DDP)
+
+
+def dcp_metadata_path(reader, rank):
+    """Where a DCP ``FileSystemReader`` keeps its ``.metadata`` file (``_get_metadata_path``,
+    private in 2.13): torchdist reads that file itself, with an unpickler that accepts only DCP's
+    metadata classes."""
+    return reader._get_metadata_path(rank)

@@ -50,6 +50,7 @@ Example::
 
 from __future__ import annotations
 
+import gc
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -169,7 +170,9 @@ class ShardedLoader:
             # this batch resumes after it.
             self.batch_start, self._cursor = start, start + real
             yield to_device(batch, self.topo)
-        if self.epoch == epoch and self._cursor >= self._end():
+        # Ran to the end (not broken out of): the epoch is done, also on a rank whose share of
+        # the last batch was empty, or when the tail did not fill a batch (drop_last).
+        if self.epoch == epoch:
             self.epoch, self._cursor = epoch + 1, 0
 
     def _fetch(self, plan: Sequence[tuple[int, int, list[int]]], epoch: int) -> Iterator[Any]:
@@ -184,7 +187,14 @@ class ShardedLoader:
             pin_memory=self.topo.device.type == "cuda",
             generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1),
         )
-        return iter(loader)
+        # Workers fork here. Freeze the collector across the fork (as td.spawn does): garbage
+        # this process still holds (an earlier in-process world's gloo groups and stores) must
+        # not be finalised in a worker, where that crashes it.
+        gc.freeze()
+        try:
+            return iter(loader)
+        finally:
+            gc.unfreeze()
 
     def _collate(self, indices: list[int]) -> Any:
         getitems = getattr(self.dataset, "__getitems__", None)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, Metadata
 
+from torchdist._compat import dcp_metadata_path
 from torchdist.errors import CheckpointError
 
 __all__ = ["SafeFileSystemReader", "SafeLoadPlanner", "read_metadata"]
@@ -64,7 +65,7 @@ class SafeFileSystemReader(FileSystemReader):
     """``FileSystemReader`` whose ``read_metadata`` resolves only DCP metadata classes."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = self._get_metadata_path(kwargs.get("rank"))
+        path = dcp_metadata_path(self, kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as stream:
             metadata = _MetadataUnpickler(stream).load()
         if not isinstance(metadata, Metadata):

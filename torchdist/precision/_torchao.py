@@ -66,6 +66,10 @@ class ByteGatheredFloat8Weight(WeightWithDynamicFloat8CastTensor):
         return f"ByteGatheredFloat8Weight(dtype={self._dtype}, tensor={self._tensor})"
 
 
+# torch.load(weights_only=True) of a state dict holding these weights, as torchao does for its own.
+torch.serialization.add_safe_globals([ByteGatheredFloat8Weight])
+
+
 def gather_float8_weights_as_bytes(model: nn.Module) -> None:
     """Swap every torchao fp8-all-gather weight of ``model`` for ``ByteGatheredFloat8Weight``."""
     for module in model.modules():

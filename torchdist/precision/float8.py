@@ -23,7 +23,8 @@ Decisions, where torchao and FSDP2 leave a choice:
   float8 dtype, so the float8 bytes travel as ``uint8`` (a view, no copy) and are viewed back
   after the gather -- on every backend, because FSDP2 already gathers as ``uint8`` whenever a
   unit mixes dtypes, so NCCL moves exactly the same bytes. One code path, no fallback, nothing
-  silent: the 2-rank CPU tests exercise the path GPUs run. Rowwise recipes have no fp8
+  silent: the 2-rank CPU tests exercise the path GPUs run (``tests/test_precision_dist.py``: 2
+  ranks match one process fed the same half-batches to 1e-5). Rowwise recipes have no fp8
   all-gather in torchao (their weight scales are per row of the unsharded weight); their
   weights are all-gathered in the parameter dtype.
 * **Order.** ``autocast_fp8`` comes first: ``autocast_fp8 -> parallelize ->
@@ -32,7 +33,8 @@ Decisions, where torchao and FSDP2 leave a choice:
 * **With ``autocast(torch.bfloat16)``.** torchao's ``Float8Linear`` follows CUDA autocast only;
   on CPU the combination works for ``tensorwise`` and ``rowwise`` but ``rowwise_with_gw_hp``
   fails in torchao 0.18 ("expected m1 and m2 to have the same dtype"). For bf16 around fp8
-  layers, shard with ``MixedPrecision(param_dtype=torch.bfloat16)`` as torchtitan does.
+  layers, shard with ``MixedPrecision(param_dtype=torch.bfloat16)`` as torchtitan does (all
+  three recipes run so on 2 CPU ranks), or keep the parameters in bf16.
 
 torchao is imported when a model is converted, never by ``import torchdist.precision``; without
 it, ``autocast_fp8`` raises an ``ImportError`` naming ``pip install 'torchdist[fp8]'``.
@@ -137,7 +139,9 @@ class Float8Recipe:
                 f"{type(self.filter).__name__}."
             )
         if self.min_features < 0:
-            raise CompositionError(f"Float8Recipe: min_features must be >= 0, got {self.min_features}.")
+            raise CompositionError(
+                f"Float8Recipe: min_features must be >= 0, got {self.min_features}."
+            )
 
     # ----------------------------------------------------------------- the named recipes
     @classmethod
@@ -157,14 +161,22 @@ class Float8Recipe:
 
     @classmethod
     def rowwise(
-        cls, *, filter: ModuleFilter | None = None, skip_first_last: bool = True, min_features: int = 0
+        cls,
+        *,
+        filter: ModuleFilter | None = None,
+        skip_first_last: bool = True,
+        min_features: int = 0,
     ) -> Float8Recipe:
         """A scale per row, rounded to a power of two, e4m3 throughout (torchao ``"rowwise"``)."""
         return cls("rowwise", filter, skip_first_last, min_features)
 
     @classmethod
     def rowwise_with_gw_hp(
-        cls, *, filter: ModuleFilter | None = None, skip_first_last: bool = True, min_features: int = 0
+        cls,
+        *,
+        filter: ModuleFilter | None = None,
+        skip_first_last: bool = True,
+        min_features: int = 0,
     ) -> Float8Recipe:
         """Rowwise, with the weight gradient computed in high precision (torchao
         ``"rowwise_with_gw_hp"``): the most accurate torchao recipe."""
@@ -275,9 +287,12 @@ def autocast_fp8(model: nn.Module, recipe: Float8Recipe | None = None) -> nn.Mod
     _check_order(model)
     layers = recipe.select(model)
     if not layers:
-        why = "the filter selected none" if recipe.filter is not None else (
-            "the default skips the first and last Linear and those whose features are not "
-            f"multiples of 16{f' or below {recipe.min_features}' if recipe.min_features else ''}"
+        small = f" or below {recipe.min_features}" if recipe.min_features else ""
+        why = (
+            "the filter selected none"
+            if recipe.filter is not None
+            else "the default skips the first and last Linear and those whose features are "
+            f"not multiples of 16{small}"
         )
         raise CompositionError(
             f"autocast_fp8: no Linear layer of {type(model).__name__} to convert ({why}). "

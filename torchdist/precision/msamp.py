@@ -48,9 +48,9 @@ msamp_initialize needs MS-AMP (Microsoft's fp8 mixed precision), which could not
     # multi-GPU only: build MSCCL in third_party/msccl as the guide says (~7 min on H100)
     python3 -m pip install . && make postinstall
 or use its container ghcr.io/azure/msamp. The same savings without MS-AMP, on any device:
-    O1 (fp8 matmuls):          model = torchdist.precision.autocast_fp8(model, Float8Recipe.tensorwise())
-    O2 (+ low-bit opt. state): opt = torchdist.precision.low_bit_adamw(model.parameters(), bits=8)  # or fp8=True
-with torchdist.sharding.shard for fp8 weight all-gather under FSDP2."""
+    O1, fp8 matmuls:        model = autocast_fp8(model, Float8Recipe.tensorwise())
+    O2, + low-bit state:    opt = low_bit_adamw(model.parameters(), bits=8)  # or fp8=True
+(both from torchdist.precision), with torchdist.sharding.shard for fp8 weight all-gather."""
 
 _CONFLICTS = {
     "msamp": "msamp_initialize was already applied; MS-AMP supports one call per model.",

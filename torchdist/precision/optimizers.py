@@ -6,8 +6,10 @@ codes (``bits=4``) or float8 e4m3 (``fp8=True``), each block with an fp32 scale 
 the update in fp32. This is the optimizer-state half of what MS-AMP's O2 level gives; pair it
 with ``autocast_fp8`` for the fp8-matmul half.
 
-Measured on CPU (``tests/test_precision.py``): state bytes are ~27% (8-bit, fp8) and ~14% (4-bit)
-of torch AdamW's fp32 state on a model whose tensors are all quantized. torchao only quantizes a
+Measured on CPU (``tests/test_precision_optim.py``): state bytes are 26.5% (8-bit), 25.8% (fp8)
+and 13.8% (4-bit) of torch AdamW's fp32 state on an MLP whose tensors are all quantized, and
+over 50 steps of a small GPT the loss stays within 0.1% (8-bit), 0.3% (fp8) and 2.3% (4-bit) of
+torch AdamW's at every step. torchao only quantizes a
 tensor of at least 4096 elements whose size is a multiple of ``block_size`` (256 for 8-bit and
 fp8, 128 for 4-bit); smaller ones (biases, norms) keep fp32 moments. Under ``shard`` that test
 applies to each rank's local shard.
@@ -84,7 +86,9 @@ def low_bit_adamw(
             "fp8=True; for full-precision moments use torch.optim.AdamW."
         )
     if compile not in (None, True, False):
-        raise CompositionError(f"low_bit_adamw: compile must be None, True or False, got {compile!r}.")
+        raise CompositionError(
+            f"low_bit_adamw: compile must be None, True or False, got {compile!r}."
+        )
     params = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in params]
     if not params:
         raise CompositionError("low_bit_adamw got an empty parameter list.")
