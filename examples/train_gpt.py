@@ -111,6 +111,11 @@ def build_step(args, topo: td.Topology, model: nn.Module):
     from torchdist.transforms import checkpoint_activations
     from torchdist.transforms import compile as compile_step
 
+    if args.precision == "fp8":  # first: fp8 -> tp -> activation checkpointing -> shard
+        from torchdist.precision import Float8Recipe, autocast_fp8, converted_layers
+
+        model = autocast_fp8(model, Float8Recipe.tensorwise())
+        td.print0(topo, f"fp8 layers: {', '.join(converted_layers(model))}")
     if args.parallel == "tp":
         model = parallelize(model, topo, TP_PLAN)
     if args.checkpoint_activations:
@@ -127,7 +132,7 @@ def build_step(args, topo: td.Topology, model: nn.Module):
     transforms = [optimize(opt, sched), clip_grads(1.0), sync_grads(topo)]
     if args.accumulate > 1:
         transforms.append(accumulate(args.accumulate))
-    if args.precision == "bf16":
+    if args.precision in ("bf16", "fp8"):
         transforms.append(autocast(torch.bfloat16))
     if args.compile:
         transforms.append(compile_step())
@@ -170,7 +175,8 @@ def main() -> None:
     parser.add_argument("--parallel", choices=("shard", "replicate", "tp", "sync"), default="shard",
                         help="shard (FSDP2), replicate (DDP), tp (tensor parallel) or sync (plain "
                         "model + sync_grads)")  # fmt: skip
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="fp32",
+                        help="fp8: torchao float8 matmuls (tensorwise), bf16 elsewhere")  # fmt: skip
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--checkpoint-activations", action="store_true")

@@ -13,6 +13,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# Two xdist workers share two cores: OpenMP workers spinning in each would only contend.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_rng():
     """Each test starts from the same global RNG state, whatever ran before it."""

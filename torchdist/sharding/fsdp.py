@@ -53,6 +53,8 @@ _CONFLICTS = {
     "shard": "the model is already sharded; apply shard once, to the whole model.",
     "replicate": "a replicated (DDP) model cannot also be sharded; choose one of them.",
     "deepspeed": "DeepSpeed already partitions this model; use its ZeRO stage instead.",
+    "msamp": "MS-AMP replaced the Linear layers with its own fp8 ones and has no FSDP2 support; "
+    "for shard use autocast_fp8 + low_bit_adamw.",
 }
 
 
@@ -144,7 +146,8 @@ def materialize(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
-    set_model_state_dict(model, full_state_dict, options=options)
+    # a copy: set_model_state_dict writes the scattered DTensors back into the dict it is given
+    set_model_state_dict(model, dict(full_state_dict), options=options)
     return model
 
 
