@@ -7,8 +7,6 @@ group); the same core checks run once more in real processes (``td.spawn``), mar
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 
@@ -16,20 +14,6 @@ import torchdist as td
 from torchdist import CollectiveError, Topology, TopologyError
 
 WORLDS = [2, 4]
-
-
-@pytest.fixture(autouse=True)
-def _freeze_gc_while_forking(request):
-    """Keep objects from earlier tests (in-process worlds' groups, failed spawns' stores) out of
-    forked ranks' garbage collection; test_worlds.py checks spawn against that hazard itself."""
-    shield = request.node.get_closest_marker("multiprocess") is not None
-    if shield:
-        gc.freeze()
-    try:
-        yield
-    finally:
-        if shield:
-            gc.unfreeze()
 
 
 def _rank_values(n: int, r: int) -> torch.Tensor:

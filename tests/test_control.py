@@ -3,7 +3,6 @@ set_seed, is_main, barrier, print0."""
 
 from __future__ import annotations
 
-import gc
 import math
 import random
 import time
@@ -15,20 +14,6 @@ import torchdist as td
 from torchdist import Topology, TopologyError
 
 ITEMS = 17
-
-
-@pytest.fixture(autouse=True)
-def _freeze_gc_while_forking(request):
-    """Keep objects from earlier tests (in-process worlds' groups, failed spawns' stores) out of
-    forked ranks' garbage collection; test_worlds.py checks spawn against that hazard itself."""
-    shield = request.node.get_closest_marker("multiprocess") is not None
-    if shield:
-        gc.freeze()
-    try:
-        yield
-    finally:
-        if shield:
-            gc.unfreeze()
 
 
 # --------------------------------------------------------------------------- split_between_ranks

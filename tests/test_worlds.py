@@ -45,28 +45,6 @@ def _no_rank_processes_left() -> bool:
     return not [p for p in multiprocessing.active_children() if p.name.startswith("torchdist-rank")]
 
 
-@pytest.fixture(autouse=True)
-def _freeze_gc_while_forking(request):
-    """Keep objects that exist before a test out of forked ranks' garbage collection.
-
-    A failed spawn leaves its frames (and the master TCPStore they hold) as cyclic garbage; a
-    forked rank that garbage-collects them hangs. That hazard is checked without this fixture by
-    test_spawn_after_other_worlds_survives_gc_in_the_ranks; the other tests are shielded from it
-    so that each one tests only its own subject. ``gc.freeze`` costs nothing, unlike a full
-    ``gc.collect`` (~0.5 s with torch loaded).
-    """
-    shield = request.node.get_closest_marker("multiprocess") and not request.node.name.startswith(
-        "test_spawn_after_other_worlds"
-    )
-    if shield:
-        gc.freeze()
-    try:
-        yield
-    finally:
-        if shield:
-            gc.unfreeze()
-
-
 # --------------------------------------------------------------------------- spawn: results
 
 
