@@ -27,10 +27,17 @@ On a noisy machine that difference is below what the timing can resolve, so the 
 is also measured directly: the same two loops on a tiny model (compute ~ nothing, many steps),
 whose per-step difference in microseconds is then expressed as a share of the real step.
 
+Reading it on a shared 2-core machine: two ranks fill both cores, so any other process stalls a
+rank and its peer waits at the next all-reduce; the 2-rank wall times then run at 2x their CPU
+times and the wall ratios wander by +-10%. When wall and CPU per step disagree, trust the CPU
+ratios and the tiny-model figure; when they agree (a quiet machine), the wall ratios are sound.
+
 Not a test: it prints and never asserts. One thread per rank (``torch.set_num_threads(1)``).
 
-    python benchmarks/step_overhead.py
+    python benchmarks/step_overhead.py          # K=5, R=20, D=128, L=4: ~45 s quiet, ~2 min busy
     python benchmarks/step_overhead.py --steps 10 --rounds 15 --dim 128 --layers 4
+    # the per-step fixed cost of sync_grads' bookkeeping against DDP's C++ reducer:
+    python benchmarks/step_overhead.py --skip-single --dim 16 --seq 8 --batch 2 --steps 50
 """
 
 from __future__ import annotations

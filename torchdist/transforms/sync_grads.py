@@ -44,31 +44,56 @@ log = logging.getLogger("torchdist.transforms")
 @dataclass
 class _Bucket:
     params: list[torch.nn.Parameter]
-    offsets: list[int]
+    is_dtensor: list[bool]
     numel: int
     dtype: torch.dtype
     device: torch.device
-    buffer: torch.Tensor | None = None
+    buffer: torch.Tensor = field(init=False)
+    views: list[torch.Tensor] = field(init=False)  # each parameter's slice, shaped like it
     ready: set[int] = field(default_factory=set)
     work: Any = None
 
+    def allocate(self, local_shapes: list[torch.Size]) -> None:
+        self.buffer = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        self.views, offset = [], 0
+        for shape in local_shapes:
+            numel = shape.numel()
+            self.views.append(self.buffer[offset : offset + numel].view(shape))
+            offset += numel
+
 
 class GradSync:
-    """Bucketed, overlapped gradient averaging of one model over one process group."""
+    """Bucketed, overlapped gradient averaging of one model over one process group.
 
-    def __init__(self, model: torch.nn.Module, group: Any, bucket_bytes: int) -> None:
+    The hooks it registers hold it only weakly; when it is garbage (its step function is gone)
+    they are removed, so rebuilding a step over the same model does not pile up hooks.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, group: Any, bucket_bytes: int, first_bucket_bytes: int
+    ) -> None:
         import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
 
         self.group = group
         self.size = dist.get_world_size(group)
         params = [p for p in model.parameters() if p.requires_grad]
-        self.buckets = _bucket(list(reversed(params)), bucket_bytes)
+        locals_ = {id(p): p.to_local() if isinstance(p, DTensor) else p for p in params}
+        self.buckets = _bucket(list(reversed(params)), locals_, bucket_bytes, first_bucket_bytes)
         self._where = {id(p): (b, i) for b, bucket in enumerate(self.buckets)
                        for i, p in enumerate(bucket.params)}  # fmt: skip
         self._active = False
         self._paused = False
         self._next = 0
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+        me = weakref.ref(self)
+
+        def on_grad(param: torch.Tensor) -> None:
+            sync = me()
+            if sync is not None:
+                sync._on_grad(param)
+
+        handles = [p.register_post_accumulate_grad_hook(on_grad) for p in params]
+        weakref.finalize(self, _remove_all, handles)
 
     # ------------------------------------------------------------------ lifecycle of one step
     def begin(self) -> None:
@@ -102,17 +127,12 @@ class GradSync:
         finally:
             self._paused = False
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
     # ------------------------------------------------------------------ internals
     def _on_grad(self, param: torch.Tensor) -> None:
         if not self._active or self._paused:
             return
         b, i = self._where[id(param)]
-        bucket = self.buckets[b]
-        bucket.ready.add(i)
+        self.buckets[b].ready.add(i)
         while self._next < len(self.buckets):
             head = self.buckets[self._next]
             if len(head.ready) != len(head.params):
@@ -123,71 +143,80 @@ class GradSync:
     def _launch(self, bucket: _Bucket) -> None:
         import torch.distributed as dist
 
-        if bucket.buffer is None:
-            bucket.buffer = torch.empty(bucket.numel, dtype=bucket.dtype, device=bucket.device)
-        flat = bucket.buffer
+        sources, targets = [], []
         with torch.no_grad():
-            for param, offset in zip(bucket.params, bucket.offsets):
-                grad = _local(param.grad)
-                view = flat[offset : offset + _local(param).numel()]
+            for param, is_dtensor, view in zip(bucket.params, bucket.is_dtensor, bucket.views):
+                grad = param.grad
                 if grad is None:
                     view.zero_()
-                elif grad.data_ptr() != view.data_ptr():
-                    view.copy_(grad.reshape(-1))
-            flat.div_(self.size)
-        bucket.work = dist.all_reduce(flat, group=self.group, async_op=True)
+                    continue
+                grad = grad.to_local() if is_dtensor else grad
+                if grad.data_ptr() != view.data_ptr():  # not already installed as the view
+                    sources.append(grad)
+                    targets.append(view)
+            if sources:
+                torch._foreach_copy_(targets, sources)
+            bucket.buffer.div_(self.size)
+        bucket.work = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
 
     def _install(self, bucket: _Bucket) -> None:
-        from torch.distributed.tensor import DTensor
-
-        flat = bucket.buffer
         with torch.no_grad():
-            for param, offset in zip(bucket.params, bucket.offsets):
-                view = flat[offset : offset + _local(param).numel()]
-                if isinstance(param, DTensor):  # tensor-parallel: average the local shard
-                    if param.grad is None:
-                        param.grad = torch.zeros_like(param)
-                    local = param.grad.to_local()
-                    local.copy_(view.view_as(local))
-                else:
-                    param.grad = view.view_as(param)
+            for param, is_dtensor, view in zip(bucket.params, bucket.is_dtensor, bucket.views):
+                if not is_dtensor:
+                    param.grad = view  # the gradient is the bucket's slice: no copy back
+                    continue
+                if param.grad is None:  # tensor-parallel: average the local shard
+                    param.grad = torch.zeros_like(param)
+                param.grad.to_local().copy_(view)
 
 
-def _local(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """The tensor this rank holds: a DTensor's local shard, a parameter's data."""
+def _remove_all(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+
+
+def _bucket(
+    params: list[torch.nn.Parameter],
+    locals_: dict[int, torch.Tensor],
+    bucket_bytes: int,
+    first_bucket_bytes: int,
+) -> list[_Bucket]:
+    """Greedy buckets in backward order; the first is small so communication starts early."""
     from torch.distributed.tensor import DTensor
 
-    if tensor is None:
-        return None
-    if isinstance(tensor, DTensor):
-        return tensor.to_local()
-    return tensor.detach()
-
-
-def _bucket(params: list[torch.nn.Parameter], bucket_bytes: int) -> list[_Bucket]:
     buckets: list[_Bucket] = []
     open_buckets: dict[tuple, _Bucket] = {}
+    shapes: dict[int, list[torch.Size]] = {}
     for param in params:
-        local = _local(param)
+        local = locals_[id(param)]
         key = (local.dtype, local.device)
         bucket = open_buckets.get(key)
+        cap = first_bucket_bytes if bucket is not None and bucket is buckets[0] else bucket_bytes
         if bucket is None or (bucket.numel and (bucket.numel + local.numel()) *
-                              local.element_size() > bucket_bytes):  # fmt: skip
+                              local.element_size() > cap):  # fmt: skip
             bucket = _Bucket([], [], 0, local.dtype, local.device)
             buckets.append(bucket)
             open_buckets[key] = bucket
+            shapes[id(bucket)] = []
         bucket.params.append(param)
-        bucket.offsets.append(bucket.numel)
+        bucket.is_dtensor.append(isinstance(param, DTensor))
         bucket.numel += local.numel()
+        shapes[id(bucket)].append(local.shape)
+    for bucket in buckets:
+        bucket.allocate(shapes[id(bucket)])
     return buckets
 
 
-def sync_grads(topo: Topology, *, bucket_mb: float = 25.0, axis: Axis = "dp") -> StepTransform:
+def sync_grads(
+    topo: Topology, *, bucket_mb: float = 25.0, first_bucket_mb: float = 1.0, axis: Axis = "dp"
+) -> StepTransform:
     """Average gradients over the data-parallel ranks of ``topo`` (see the module docstring).
 
     Communicates: one asynchronous ``all_reduce`` per bucket over the ``axis`` group (default
     ``"dp"`` = ``dp_replicate x dp_shard``), launched from gradient hooks during the backward,
-    in the gradients' dtype; all waited on before the step returns.
+    in the gradients' dtype; all waited on before the step returns. The first bucket (the last
+    layers' gradients, ready first) holds at most ``first_bucket_mb``, as DDP's does, so the
+    first all-reduce starts early in the backward.
 
     Example::
 
@@ -196,6 +225,7 @@ def sync_grads(topo: Topology, *, bucket_mb: float = 25.0, axis: Axis = "dp") ->
     if bucket_mb <= 0:
         raise TopologyError(f"bucket_mb must be positive, got {bucket_mb}.")
     bucket_bytes = int(bucket_mb * 2**20)
+    first_bucket_bytes = min(int(first_bucket_mb * 2**20), bucket_bytes)
     syncs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def wrap(inner: StepFn, info: dict) -> StepFn:
@@ -210,7 +240,7 @@ def sync_grads(topo: Topology, *, bucket_mb: float = 25.0, axis: Axis = "dp") ->
                 info["steps_aside"] = reason
                 log.info("sync_grads steps aside: %s.", reason)
                 return None
-            sync = GradSync(model, resolve_group(topo, axis), bucket_bytes)
+            sync = GradSync(model, resolve_group(topo, axis), bucket_bytes, first_bucket_bytes)
             info["buckets"] = len(sync.buckets)
             return sync
 
