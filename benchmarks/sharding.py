@@ -121,7 +121,9 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 def full_params(model: nn.Module) -> list[torch.Tensor]:
     """Full parameter values (a collective for DTensors); DDP's ``module.`` prefix is ignored."""
-    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for p in model.parameters()]
+    return [
+        (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for p in model.parameters()
+    ]
 
 
 # --------------------------------------------------------------------------- timing
@@ -238,7 +240,7 @@ def _rss_mb() -> float:
 
 @torch.no_grad()
 def _init(model: nn.Module) -> None:
-    """``init=`` for ``materialize``: GPT-2-like values; it works on shards, never the full model."""
+    """``init=`` for ``materialize``: GPT-2-like values, on shards, never the full model."""
     for name, p in model.named_parameters():
         if "ln" in name.split(".")[-2]:
             p.fill_(1.0 if name.endswith("weight") else 0.0)
@@ -367,7 +369,8 @@ def main() -> None:
         print(
             f"\nstep time: 2 ranks, GPT dim {args.dim}, {args.layers} layers, seq {args.seq}, "
             f"batch {args.batch}/rank, {res['params'] / 1e6:.2f} M parameters, AdamW; "
-            f"{args.rounds} rounds x {args.steps} steps per variant ({time.perf_counter() - start:.0f} s)"
+            f"{args.rounds} rounds x {args.steps} steps per variant "
+            f"({time.perf_counter() - start:.0f} s)"
         )
         report_timing(res, args)
     if not args.skip_memory:

@@ -176,7 +176,7 @@ def main() -> None:
                         help="shard (FSDP2), replicate (DDP), tp (tensor parallel) or sync (plain "
                         "model + sync_grads)")  # fmt: skip
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="fp32",
-                        help="fp8: torchao float8 matmuls (tensorwise), bf16 elsewhere")  # fmt: skip
+                        help="fp8: torchao float8 matmuls, bf16 elsewhere")  # fmt: skip
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--checkpoint-activations", action="store_true")

@@ -12,7 +12,6 @@ os.environ.setdefault("TORCH_DISTRIBUTED_DEBUG", "DETAIL")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-
 # Two xdist workers share two cores: OpenMP workers spinning in each would only contend.
 torch.set_num_threads(1)
 

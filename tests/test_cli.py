@@ -31,7 +31,9 @@ def test_launch_two_ranks_trains_and_both_report_the_same_world():
     assert result.returncode == 0, output
     worlds = re.findall(r"rank (\d): world (\d+), mesh (\{.*\})", output)
     assert sorted(w[0] for w in worlds) == ["0", "1"]
-    assert {w[1:] for w in worlds} == {("2", "{'pp': 1, 'dp_replicate': 1, 'dp_shard': 2, 'cp': 1, 'tp': 1}")}
+    assert {w[1:] for w in worlds} == {
+        ("2", "{'pp': 1, 'dp_replicate': 1, 'dp_shard': 2, 'cp': 1, 'tp': 1}")
+    }
     assert "world 2" in result.stderr  # launch says what it chose
     assert "final loss" in output
 
@@ -57,8 +59,10 @@ def test_launch_of_a_failing_rank_exits_non_zero_with_its_traceback(tmp_path):
 def test_launch_command_says_what_it_chose_and_passes_the_mesh():
     import argparse
 
-    args = argparse.Namespace(nproc=None, nnodes=1, node_rank=0, master_addr="", master_port=29500,
-                              max_restarts=0, mesh="dp_shard=2,tp=2", script="t.py", script_args=["--x", "1"])  # fmt: skip
+    args = argparse.Namespace(
+        nproc=None, nnodes=1, node_rank=0, master_addr="", master_port=29500, max_restarts=0,
+        mesh="dp_shard=2,tp=2", script="t.py", script_args=["--x", "1"],
+    )  # fmt: skip
     cmd, env, said = launch_command(args)
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--nproc-per-node=1"]
     assert "--standalone" in cmd and cmd[-3:] == ["t.py", "--x", "1"]
@@ -75,8 +79,10 @@ def test_launch_rejects_a_bad_mesh_before_starting_anything():
 
     from torchdist import TopologyError
 
-    args = argparse.Namespace(nproc=2, nnodes=1, node_rank=0, master_addr="", master_port=29500,
-                              max_restarts=0, mesh="dp_shard=two", script="t.py", script_args=[])  # fmt: skip
+    args = argparse.Namespace(
+        nproc=2, nnodes=1, node_rank=0, master_addr="", master_port=29500, max_restarts=0,
+        mesh="dp_shard=two", script="t.py", script_args=[],
+    )  # fmt: skip
     with pytest.raises(TopologyError, match="no integer size"):
         launch_command(args)
 

@@ -15,7 +15,10 @@ def test_notebook_runs(path: pathlib.Path) -> None:
     nbclient = pytest.importorskip("nbclient")
     notebook = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
-        notebook, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+        notebook,
+        timeout=240,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
     )
     client.execute()
     errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
@@ -25,4 +28,8 @@ def test_notebook_runs(path: pathlib.Path) -> None:
 
 
 def test_there_are_notebooks() -> None:
-    assert {p.stem for p in NOTEBOOKS} >= {"01_topology", "02_step_transforms", "03_sharding_and_fp8"}
+    assert {p.stem for p in NOTEBOOKS} >= {
+        "01_topology",
+        "02_step_transforms",
+        "03_sharding_and_fp8",
+    }

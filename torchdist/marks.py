@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["applied", "mark", "after_optimizer_step_hooks", "data_parallel_owner"]
+__all__ = [
+    "applied",
+    "mark",
+    "after_optimizer_step_hooks",
+    "data_parallel_owner",
+    "deepspeed_engine",
+]
 
 _ATTR = "_torchdist_applied"
 _HOOKS = "_torchdist_after_step"
@@ -66,4 +72,13 @@ def data_parallel_owner(model: Any) -> str | None:
 
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         return "the model is sharded with FSDP2 (fully_shard), which reduce-scatters gradients"
+    return None
+
+
+def deepspeed_engine(model: Any) -> Any:
+    """``model`` if it is a DeepSpeed engine (which owns backward, step and accumulation), else
+    None. Checked by type name, so DeepSpeed is never imported for the question."""
+    kind = type(model)
+    if kind.__module__.startswith("deepspeed") and hasattr(model, "backward"):
+        return model
     return None

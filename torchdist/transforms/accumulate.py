@@ -3,7 +3,9 @@
 Whatever syncs the gradients is turned off on the first ``n - 1`` micro-batches and back on for
 the last: torchdist's own ``sync_grads`` hooks, DDP's ``no_sync()`` (``replicate``), FSDP2's
 ``set_requires_gradient_sync`` (``shard``), any module exposing ``set_requires_gradient_sync``.
-So an accumulated step communicates exactly what an unaccumulated one does.
+So an accumulated step communicates exactly what an unaccumulated one does. A DeepSpeed engine
+is told where its accumulation boundary is (its ``gradient_accumulation_steps`` must equal
+``n``), and reduces then.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 import optree
 import torch
 
-from torchdist.errors import StepError
+from torchdist.errors import CompositionError, StepError
+from torchdist.marks import deepspeed_engine
 from torchdist.state import StepFn, TrainState
 from torchdist.transforms.composition import Phase, StepTransform
 
@@ -45,11 +48,20 @@ def accumulate(n: int) -> StepTransform:
         def step(state: TrainState, batch: Any):
             outer_ctx = state.context
             all_metrics = []
+            engine = deepspeed_engine(state.model)
+            if engine is not None and engine.gradient_accumulation_steps() != n:
+                raise CompositionError(
+                    f"accumulate({n}) on a DeepSpeed engine built with gradient_accumulation_steps"
+                    f"={engine.gradient_accumulation_steps()}; build it with "
+                    f"torchdist.sharding.deepspeed(..., accumulation={n})."
+                )
             for index, micro in enumerate(split_batch(batch, n)):
                 ctx = outer_ctx.replace(
                     loss_multiplier=outer_ctx.loss_multiplier / n, micro_step=(index, n)
                 )
                 last = index == n - 1
+                if engine is not None:  # DeepSpeed reduces gradients at its boundary only
+                    engine.set_gradient_accumulation_boundary(last)
                 sync_off = contextlib.nullcontext() if last else gradient_sync_disabled(state)
                 with sync_off:
                     state, metrics = inner(state.replace(context=ctx), micro)

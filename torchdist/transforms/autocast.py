@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from torchdist.errors import CompositionError
+from torchdist.marks import deepspeed_engine
 from torchdist.state import LossScale, StepFn, TrainState
 from torchdist.transforms.composition import Phase, StepTransform
 
@@ -52,6 +53,10 @@ def autocast(
         info["dtype"] = str(dtype)
 
         def step(state: TrainState, batch: Any):
+            engine = deepspeed_engine(state.model)
+            if engine is not None:  # the engine already computes in its configured dtype
+                _check_engine_dtype(engine, dtype)
+                return inner(state, batch)
             ctx = state.context.replace(autocast_dtype=dtype, found_inf=None)
             if dtype == torch.float16:
                 scaler = state.scaler
@@ -71,6 +76,20 @@ def autocast(
         return step
 
     return StepTransform("autocast", Phase.FORWARD, wrap)
+
+
+def _check_engine_dtype(engine: Any, dtype: torch.dtype) -> None:
+    engine_dtype = (
+        torch.bfloat16 if engine.bfloat16_enabled()
+        else torch.float16 if engine.fp16_enabled()
+        else torch.float32
+    )  # fmt: skip
+    if engine_dtype != dtype:
+        raise CompositionError(
+            f"autocast({dtype}) on a DeepSpeed engine that computes in {engine_dtype}: DeepSpeed "
+            f"owns mixed precision. Build it with torchdist.sharding.deepspeed(..., dtype={dtype})"
+            ", or drop autocast."
+        )
 
 
 def unscale_grads(state: TrainState) -> TrainState:

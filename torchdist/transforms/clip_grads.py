@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from torchdist.errors import StepError
+from torchdist.errors import CompositionError, StepError
+from torchdist.marks import deepspeed_engine
 from torchdist.state import StepFn, TrainState
 from torchdist.transforms.autocast import unscale_grads
 from torchdist.transforms.composition import Phase, StepTransform
@@ -67,7 +68,8 @@ def clip_grads(max_norm: float, norm_type: float = 2.0) -> StepTransform:
     """Scale gradients so their global ``norm_type``-norm is at most ``max_norm``.
 
     Reports the norm before clipping as ``metrics["grad_norm"]`` (a tensor, no host sync).
-    Communicates: see ``global_grad_norm``.
+    Communicates: see ``global_grad_norm``. On a DeepSpeed engine the engine clips (its
+    ``gradient_clipping`` must equal ``max_norm``) and ``optimize`` reports its norm.
 
     Example::
 
@@ -81,6 +83,15 @@ def clip_grads(max_norm: float, norm_type: float = 2.0) -> StepTransform:
         info.update(max_norm=max_norm, norm_type=norm_type)
 
         def step(state: TrainState, batch: Any):
+            engine = deepspeed_engine(state.model)
+            if engine is not None:  # the engine clips inside engine.step(); optimize reports
+                if engine.gradient_clipping() != max_norm:
+                    raise CompositionError(
+                        f"clip_grads({max_norm}) on a DeepSpeed engine that clips at "
+                        f"{engine.gradient_clipping()}; build it with "
+                        f"torchdist.sharding.deepspeed(..., clip={max_norm})."
+                    )
+                return inner(state, batch)
             state, metrics = inner(state, batch)
             state = unscale_grads(state)
             params = [p for p in state.model.parameters() if p.grad is not None]

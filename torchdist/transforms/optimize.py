@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from torchdist.errors import CompositionError
-from torchdist.marks import after_optimizer_step_hooks
+from torchdist.marks import after_optimizer_step_hooks, deepspeed_engine
 from torchdist.state import StepFn, TrainState
 from torchdist.transforms.autocast import unscale_grads, update_scale
 from torchdist.transforms.composition import Phase, StepTransform
@@ -26,6 +26,9 @@ def optimize(
     the scale backs off, and ``metrics["skipped"]`` says so (this one check syncs with the host).
     Hooks that model transforms registered (e.g. fp8 dynamic-scale precompute) run after every
     applied step. ``TrainState.step`` is incremented.
+
+    On a DeepSpeed engine the step is ``engine.step()`` (which also clips and zeroes); the
+    engine's clipped norm is reported as ``metrics["grad_norm"]``.
 
     Communicates nothing itself (a sharded optimizer's step is local to each shard).
 
@@ -50,10 +53,13 @@ def optimize(
                     "optimize(opt) was given a different optimizer than TrainState.optimizer; "
                     "checkpoints would save the wrong one. Pass the same object, or leave one out."
                 )
-            if (id(opt), id(state.model)) not in checked:
+            engine = deepspeed_engine(state.model)
+            if engine is None and (id(opt), id(state.model)) not in checked:
                 _check_optimizer_holds_model_parameters(opt, state.model)
                 checked.add((id(opt), id(state.model)))
             state, metrics = inner(state, batch)
+            if engine is not None:
+                return _engine_step(engine, state, metrics, sched)
             skipped = False
             if state.scaler is not None:
                 state = unscale_grads(state)
@@ -89,3 +95,20 @@ def _check_optimizer_holds_model_parameters(
             "trained. Build the optimizer after the model transforms (shard, replicate, "
             "parallelize, autocast_fp8) and before any forward pass, from model.parameters()."
         )
+
+
+def _engine_step(engine: Any, state: TrainState, metrics: Any, scheduler: Any):
+    """DeepSpeed's step: optimizer (at the accumulation boundary), clipping, zeroing, its loss
+    scale. A scheduler handed to ``optimize`` steps when the engine applied its update."""
+    engine.step()
+    applied = engine.was_step_applied()
+    if applied:
+        if scheduler is not None and scheduler is not engine.lr_scheduler:
+            scheduler.step()
+        for hook in after_optimizer_step_hooks(state.model):
+            hook()
+    metrics = {**metrics, "skipped": torch.tensor(not applied)}
+    norm = engine.get_global_grad_norm() if engine.gradient_clipping() else None
+    if norm is not None:
+        metrics["grad_norm"] = torch.as_tensor(float(norm))
+    return state.replace(step=state.step + 1), metrics

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from torchdist.errors import StepError
+from torchdist.marks import deepspeed_engine
 from torchdist.state import StepFn, TrainState
 from torchdist.transforms.composition import Phase, step_function
 
@@ -27,8 +28,10 @@ def value_and_grad(
     (``accumulate``) and fp16 loss scale (``autocast``). The forward runs under the autocast
     dtype ``autocast`` set, the backward outside it, as torch recommends.
 
+    On a DeepSpeed engine (``torchdist.sharding.deepspeed``) the backward is ``engine.backward``.
+
     Communicates nothing itself; gradient hooks placed by ``sync_grads``/``shard``/``replicate``
-    communicate during the backward.
+    (or DeepSpeed's ZeRO) communicate during the backward.
 
     Example::
 
@@ -49,10 +52,16 @@ def value_and_grad(
         with forward:
             out = loss_fn(state.model, batch)
         loss, aux = _split(out, has_aux)
-        scaled = loss * ctx.loss_multiplier if ctx.loss_multiplier != 1.0 else loss
-        if ctx.loss_scale is not None:
-            scaled = scaled.float() * ctx.loss_scale
-        scaled.backward()
+        engine = deepspeed_engine(state.model)
+        if engine is not None:
+            # DeepSpeed divides by its gradient_accumulation_steps (== accumulate's n, checked
+            # there) and applies its own loss scale.
+            engine.backward(loss)
+        else:
+            scaled = loss * ctx.loss_multiplier if ctx.loss_multiplier != 1.0 else loss
+            if ctx.loss_scale is not None:
+                scaled = scaled.float() * ctx.loss_scale
+            scaled.backward()
         metrics: dict[str, Any] = {"loss": loss.detach()}
         if aux is not None:
             if isinstance(aux, dict):
