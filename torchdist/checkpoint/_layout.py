@@ -257,3 +257,16 @@ def prune(root: str, keep: int) -> list[str]:
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of an exception, for errors carried across ranks."""
+    text = str(exc).strip() or type(exc).__name__
+    return f"{type(exc).__name__}: {text.splitlines()[0][:500]}"
+
+
+def raise_first(errors: list[str]) -> None:
+    """Raise ``CheckpointError`` for the first non-empty error (one per rank, or a single one)."""
+    for rank, error in enumerate(errors):
+        if error:
+            raise CheckpointError(error if len(errors) == 1 else f"{error} (found on rank {rank})")

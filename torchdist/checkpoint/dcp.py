@@ -22,6 +22,10 @@ What goes where, in ``<root>/step_<step:08d>/``:
   ``r``, else rank 0's: new ranks then start from rank 0's RNG state. The loader's position
   is global, so it resumes correctly at any world size.
 * ``torchdist_checkpoint.json``: the completion marker (see ``_layout``).
+* **DeepSpeed engines** (``TrainState.model`` from ``torchdist.sharding.deepspeed``): the engine's
+  own checkpoint (``engine.save_checkpoint``, in ``engine/``) takes the place of DCP's files; the
+  extras, the atomic rename and the marker are the same. It loads only at the same world size
+  and ZeRO stage; see ``_engine_*`` below and ``torchdist.sharding.deepspeed``.
 
 **Atomic.** Everything is written into ``step_X.tmp-<token>`` (the token chosen by rank 0 and
 shared), and only when every rank has written does rank 0 write the marker and rename the
@@ -66,10 +70,11 @@ from typing import Any
 
 import torch
 
-from torchdist.checkpoint import _extras, _layout
+from torchdist.checkpoint import _engine, _extras, _layout
 from torchdist.checkpoint._safe import SafeFileSystemReader, SafeLoadPlanner, read_metadata
 from torchdist.collectives import broadcast, gather_object
 from torchdist.errors import CheckpointError
+from torchdist.marks import deepspeed_engine
 from torchdist.state import TrainState
 from torchdist.topology import Topology
 
@@ -111,7 +116,7 @@ def save(
         extras, error = b"", str(exc)
     token = secrets.token_hex(6) if topo.rank == 0 else ""
     replies = gather_object([(error, token)], topo)
-    _raise_first([e for e, _ in replies])
+    _layout.raise_first([e for e, _ in replies])
     tmp = f"{final}.tmp-{replies[0][1]}"
 
     extras_file = _extras.extras_path(tmp, topo.rank)
@@ -120,17 +125,22 @@ def save(
         f.write(extras)
         f.flush()
         os.fsync(f.fileno())
-    # DCP returns on rank 0 only after every rank reported its writes done (its final gather),
-    # and every rank wrote its extras before entering it: no barrier needed before finishing.
-    with _quiet_single_process(topo):
-        dcp.save(
-            _state_dicts(state, optimizer=optimizer == "state"),
-            storage_writer=dcp.FileSystemWriter(tmp),
-            no_dist=not topo.is_live,
-        )
+    engine_contents: dict[str, Any] = {}
+    if deepspeed_engine(state.model) is not None:
+        engine_contents = _engine.engine_save(state, tmp, topo)
+    else:
+        # DCP returns on rank 0 only after every rank reported its writes done (its final
+        # gather), and every rank wrote its extras before entering it: no barrier needed.
+        with _quiet_single_process(topo):
+            dcp.save(
+                _state_dicts(state, optimizer=optimizer == "state"),
+                storage_writer=dcp.FileSystemWriter(tmp),
+                no_dist=not topo.is_live,
+            )
     outcome = {"error": ""}
     if topo.rank == 0:
         contents = {
+            **engine_contents,
             "optimizer": optimizer,
             "scheduler": state.scheduler is not None,
             "scaler": state.scaler is not None,
@@ -154,7 +164,7 @@ def save(
                 "disk (space, permissions) and save again."
             )
     outcome = broadcast(outcome, topo)
-    _raise_first([outcome["error"]])
+    _layout.raise_first([outcome["error"]])
     return final
 
 
@@ -186,7 +196,7 @@ def load(
         except CheckpointError as exc:
             chosen["error"] = str(exc)
     chosen = broadcast(chosen, topo)
-    _raise_first([chosen["error"]])
+    _layout.raise_first([chosen["error"]])
     ckpt = chosen["dir"]
 
     try:
@@ -202,14 +212,21 @@ def load(
                 "was loaded."
             )
         with_optimizer = state.optimizer is not None and saved == "state"
-        state_dicts = _state_dicts(state, optimizer=with_optimizer)
-        _check_against_metadata(ckpt, state_dicts, optimizer=with_optimizer)
+        engine = deepspeed_engine(state.model)
+        if engine is not None or marker.contents.get("engine"):
+            _engine.engine_check(state, marker, topo)
+        else:
+            state_dicts = _state_dicts(state, optimizer=with_optimizer)
+            _check_against_metadata(ckpt, state_dicts, optimizer=with_optimizer)
         _extras.check(extras, state, loader)
         error = ""
     except CheckpointError as exc:
         error = str(exc)
-    _raise_first(gather_object([error], topo))
+    _layout.raise_first(gather_object([error], topo))
 
+    if engine is not None:
+        _engine.engine_load(state, ckpt, optimizer=with_optimizer)
+        return _extras.restore(state, extras, topo, loader)
     try:
         with _quiet_single_process(topo):
             dcp.load(
@@ -221,8 +238,8 @@ def load(
     except (Exception, dcp.CheckpointException) as exc:  # noqa: BLE001 - a BaseException in DCP
         raise CheckpointError(
             f"reading checkpoint {ckpt} failed; a file is corrupted or unreadable: "
-            f"{_first_line(exc)}. Load an earlier checkpoint, or copy this one again from its "
-            "source."
+            f"{_layout.first_line(exc)}. Load an earlier checkpoint, or copy this one again from "
+            "its source."
         ) from exc
     _set_state_dicts(state, state_dicts)
     if state.optimizer is not None and saved == "empty":
@@ -235,6 +252,8 @@ def _optimizer_mode(state: TrainState) -> str:
     """``"none"`` (no optimizer), ``"empty"`` (not stepped yet) or ``"state"``."""
     if state.optimizer is None:
         return "none"
+    if deepspeed_engine(state.model) is not None:
+        return "state"  # the engine saves its optimizer's state, stepped or not
     return "state" if state.optimizer.state else "empty"
 
 
@@ -342,14 +361,3 @@ def _quiet_single_process(topo: Topology) -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return f"{type(exc).__name__}: {text.splitlines()[0][:500]}"
-
-
-def _raise_first(errors: list[str]) -> None:
-    for rank, error in enumerate(errors):
-        if error:
-            raise CheckpointError(error if len(errors) == 1 else f"{error} (found on rank {rank})")

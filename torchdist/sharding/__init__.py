@@ -1,11 +1,22 @@
 """Model transforms that distribute a model: ``model -> model`` over an explicit mesh.
 
 The order that works, first to last: ``autocast_fp8`` -> ``parallelize`` ->
-``checkpoint_activations`` -> ``shard`` | ``replicate``.
+``checkpoint_activations`` -> ``shard`` | ``replicate``. ``deepspeed`` (a ZeRO engine, returned
+in a ``TrainState``) replaces ``shard``/``replicate``; it imports DeepSpeed only when called.
 """
 
 from torchdist.sharding.ddp import replicate
+from torchdist.sharding.deepspeed import consolidated, deepspeed
 from torchdist.sharding.fsdp import MixedPrecision, is_sharded, materialize, shard
 from torchdist.sharding.tensor_parallel import parallelize
 
-__all__ = ["shard", "replicate", "parallelize", "materialize", "MixedPrecision", "is_sharded"]
+__all__ = [
+    "shard",
+    "replicate",
+    "parallelize",
+    "deepspeed",
+    "consolidated",
+    "materialize",
+    "MixedPrecision",
+    "is_sharded",
+]
