@@ -28,6 +28,7 @@ from typing import Any, Literal
 import optree
 import torch
 
+from torchdist import _packing
 from torchdist.errors import CollectiveError, TopologyError
 from torchdist.topology import Topology
 
@@ -43,17 +44,6 @@ __all__ = [
 
 Over = Any  # Topology | DeviceMesh; kept loose so importing this module imports no mesh code
 Axis = str | Sequence[str] | None
-_MAX_DIMS = 8
-# Dtype codes for shape metadata; the order is part of the wire format, so only append.
-_DTYPES = tuple(
-    getattr(torch, name)
-    for name in (
-        "float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
-        "bool", "complex64", "complex128", "uint16", "uint32", "uint64", "complex32",
-        "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
-    )
-    if hasattr(torch, name)
-)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- groups
@@ -116,95 +106,6 @@ def _tensor_leaves(tree: Any, what: str) -> tuple[list[torch.Tensor], Any]:
     return leaves, treedef
 
 
-def _metadata(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One int64 row per tensor: dtype code, ndim, then the shape padded with -1."""
-    meta = torch.full((len(tensors), 2 + _MAX_DIMS), -1, dtype=torch.int64)
-    for row, tensor in enumerate(tensors):
-        if tensor.dim() > _MAX_DIMS:
-            raise CollectiveError(f"tensors of more than {_MAX_DIMS} dims are not supported.")
-        if tensor.dtype not in _DTYPES:
-            raise CollectiveError(f"torchdist cannot communicate tensors of dtype {tensor.dtype}.")
-        meta[row, 0] = _DTYPES.index(tensor.dtype)
-        meta[row, 1] = tensor.dim()
-        meta[row, 2 : 2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
-    return meta
-
-
-def _all_gather_metadata(tensors: Sequence[torch.Tensor], group) -> torch.Tensor:
-    """``[world, len(tensors), 2 + _MAX_DIMS]``: every rank's metadata (one collective)."""
-    import torch.distributed as dist
-
-    size, _ = _size_rank(group)
-    meta = _metadata(tensors)
-    count = torch.tensor([len(tensors)], dtype=torch.int64)
-    counts = [torch.empty_like(count) for _ in range(size)]
-    dist.all_gather(counts, count, group=group)
-    if len({int(c) for c in counts}) != 1:
-        raise CollectiveError(
-            f"ranks hold different numbers of tensors ({[int(c) for c in counts]}); every rank "
-            "must pass a pytree of the same structure."
-        )
-    out = torch.empty((size * meta.shape[0], meta.shape[1]), dtype=torch.int64)
-    dist.all_gather_single(out, meta, group=group)
-    return out.view(size, *meta.shape)
-
-
-def _by_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
-    buckets: dict[tuple, list[int]] = {}
-    for index, tensor in enumerate(tensors):
-        buckets.setdefault((tensor.dtype, tensor.device), []).append(index)
-    return buckets
-
-
-def _coalesced(tensors: list[torch.Tensor], run) -> list[torch.Tensor]:
-    """Apply the in-place collective ``run(flat)`` to each dtype's tensors as one flat buffer."""
-    out: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
-    for indices in _by_dtype(tensors).values():
-        flat = torch.cat([tensors[i].reshape(-1) for i in indices])
-        run(flat)
-        offset = 0
-        for i in indices:
-            numel = tensors[i].numel()
-            out[i] = flat[offset : offset + numel].view(tensors[i].shape)
-            offset += numel
-    return out
-
-
-def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor's bytes (1-D uint8): collectives that only move data then work for
-    every dtype, including those gloo rejects (float8, uint32, ...)."""
-    return tensor.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _from_bytes(data: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    return data.clone().view(dtype).view(shape)  # clone: aligned storage for the wider dtype
-
-
-def _moved_as_bytes(tensors: list[torch.Tensor], run) -> list[torch.Tensor]:
-    """Apply the in-place data-movement collective ``run(flat)`` once, to every tensor's bytes
-    packed into one uint8 buffer per device."""
-    out: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
-    by_device: dict[torch.device, list[int]] = {}
-    for index, tensor in enumerate(tensors):
-        by_device.setdefault(tensor.device, []).append(index)
-    for indices in by_device.values():
-        parts = [_as_bytes(tensors[i]) for i in indices]
-        flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
-        run(flat)
-        offset = 0
-        for i, part in zip(indices, parts):
-            out[i] = _from_bytes(flat[offset : offset + part.numel()], tensors[i].dtype,
-                                 tuple(tensors[i].shape))  # fmt: skip
-            offset += part.numel()
-    return out
-
-
-_REDUCIBLE = (
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-    torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
-)  # fmt: skip
-
-
 # --------------------------------------------------------------------------- collectives
 def all_reduce(
     tree: Any,
@@ -230,7 +131,7 @@ def all_reduce(
         raise CollectiveError(f"unknown reduction {op!r}; expected one of {list(ops)}.")
     leaves, treedef = _tensor_leaves(tree, "all_reduce")
     for leaf in leaves:
-        if leaf.dtype not in _REDUCIBLE:
+        if leaf.dtype not in _packing.REDUCIBLE:
             raise CollectiveError(
                 f"all_reduce cannot add or compare {leaf.dtype} tensors across ranks (the "
                 "backends have no arithmetic for it); cast to float32 first."
@@ -246,7 +147,7 @@ def all_reduce(
     size, _ = _size_rank(group)
     if group is None:
         return optree.tree_unflatten(treedef, [leaf.clone() for leaf in leaves])
-    reduced = _coalesced(leaves, lambda flat: dist.all_reduce(flat, ops[op], group=group))
+    reduced = _packing.coalesced(leaves, lambda flat: dist.all_reduce(flat, ops[op], group=group))
     if op == "mean":
         reduced = [t.div_(size) for t in reduced]
     return optree.tree_unflatten(treedef, reduced)
@@ -274,44 +175,26 @@ def gather(tree: Any, over: Over, *, axis: Axis = None) -> Any:
     if group is None:
         return optree.tree_unflatten(treedef, [leaf.clone() for leaf in leaves])
     size, _ = _size_rank(group)
-    meta = _all_gather_metadata(leaves, group)
+    meta = _packing.all_gather_metadata(leaves, group)
     out = []
     for index, leaf in enumerate(leaves):
         rows = meta[:, index, :]
-        _check_same(rows, index, skip_first_dim=True)
+        _packing.check_same(rows, index, skip_first_dim=True)
         lengths = rows[:, 2].tolist()
         longest = max(lengths)
         if leaf.shape[0] < longest:
             pad = leaf.new_zeros((longest - leaf.shape[0], *leaf.shape[1:]))
             leaf = torch.cat([leaf, pad])
-        data = _as_bytes(leaf)
+        data = _packing.as_bytes(leaf)
         received = data.new_empty(size * data.numel())
         dist.all_gather_single(received, data, group=group)
-        buffer = _from_bytes(received, leaf.dtype, (size * longest, *leaf.shape[1:]))
+        buffer = _packing.from_bytes(received, leaf.dtype, (size * longest, *leaf.shape[1:]))
         if len(set(lengths)) == 1:
             out.append(buffer)
         else:
             parts = buffer.split(longest)
             out.append(torch.cat([part[:n] for part, n in zip(parts, lengths)]))
     return optree.tree_unflatten(treedef, out)
-
-
-def _check_same(rows: torch.Tensor, index: int, *, skip_first_dim: bool) -> None:
-    compare = rows.clone()
-    if skip_first_dim:
-        compare[:, 2] = 0
-    if not bool((compare == compare[0]).all()):
-
-        def describe(row):
-            dtype = _DTYPES[int(row[0])]
-            return f"{dtype}{tuple(int(d) for d in row[2 : 2 + int(row[1])])}"
-
-        found = ", ".join(f"rank {r}: {describe(row)}" for r, row in enumerate(rows))
-        what = "dtype and all dims but the first" if skip_first_dim else "dtype and shape"
-        raise CollectiveError(
-            f"leaf {index} differs across ranks in {what} ({found}). Make them agree, or pad "
-            "with pad_across_ranks first."
-        )
 
 
 def gather_object(obj: Any, over: Over, *, axis: Axis = None) -> list[Any]:
@@ -359,7 +242,7 @@ def broadcast(tree: Any, over: Over, *, src: int = 0, axis: Axis = None) -> Any:
         )
     is_tensor = [isinstance(x, torch.Tensor) for x in leaves]
     tensors = [x for x, t in zip(leaves, is_tensor) if t]
-    meta = _metadata(tensors)
+    meta = _packing.metadata(tensors)
     count = torch.tensor([len(tensors), len(leaves)], dtype=torch.int64)
     dist.broadcast(count, group_src=src, group=group)
     if count.tolist() != [len(tensors), len(leaves)]:
@@ -373,10 +256,10 @@ def broadcast(tree: Any, over: Over, *, src: int = 0, axis: Axis = None) -> Any:
         device = tensors[0].device if tensors else torch.device("cpu")
         tensors = [
             torch.empty(tuple(int(d) for d in row[2 : 2 + int(row[1])]),
-                        dtype=_DTYPES[int(row[0])], device=device)
+                        dtype=_packing.DTYPES[int(row[0])], device=device)
             for row in meta
         ]  # fmt: skip
-    tensors = _moved_as_bytes(
+    tensors = _packing.moved_as_bytes(
         tensors, lambda flat: dist.broadcast(flat, group_src=src, group=group)
     )
     objects = [x for x, t in zip(leaves, is_tensor) if not t]
@@ -408,7 +291,7 @@ def pad_across_ranks(
     group = resolve_group(over, axis)
     if group is None:
         return optree.tree_unflatten(treedef, [leaf.clone() for leaf in leaves])
-    meta = _all_gather_metadata(leaves, group)
+    meta = _packing.all_gather_metadata(leaves, group)
     out = []
     for index, leaf in enumerate(leaves):
         d = dim % max(leaf.dim(), 1)

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from torchdist._launchers import read_launcher
 from torchdist.errors import TopologyError
 
 if TYPE_CHECKING:
@@ -54,18 +55,6 @@ AXES: tuple[str, ...] = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 #: Names that stand for several axes flattened into one.
 ALIASES: dict[str, tuple[str, ...]] = {"dp": ("dp_replicate", "dp_shard")}
 _BACKENDS = ("gloo", "nccl", "mpi", "ucc", "xccl")
-
-# (world size, rank, local rank, local world size) variables of each launcher we understand.
-_LAUNCHER_ENV = {
-    "torchrun": ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
-    "openmpi": (
-        "OMPI_COMM_WORLD_SIZE",
-        "OMPI_COMM_WORLD_RANK",
-        "OMPI_COMM_WORLD_LOCAL_RANK",
-        "OMPI_COMM_WORLD_LOCAL_SIZE",
-    ),
-    "mpich": ("PMI_SIZE", "PMI_RANK", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-}
 
 
 @dataclass(frozen=True)
@@ -209,7 +198,7 @@ class Topology:
         env = os.environ if env is None else env
         if not axes and env.get("TORCHDIST_MESH"):
             axes = parse_mesh(env["TORCHDIST_MESH"])
-        world, rank, local_rank, local_world = _read_launcher(env)
+        world, rank, local_rank, local_world = read_launcher(env)
         if device is None:
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
         port = env.get("MASTER_PORT", "29500")
@@ -366,33 +355,6 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def _fmt(sizes: Mapping[str, int | None]) -> str:
     return "{" + ", ".join(f"{k}={v}" for k, v in sizes.items()) + "}"
-
-
-def _read_launcher(env: Mapping[str, str]) -> tuple[int, int, int, int]:
-    for launcher, names in _LAUNCHER_ENV.items():
-        present = [name for name in names[:2] if name in env]
-        if not present:
-            continue
-        if len(present) != 2:
-            missing = [name for name in names[:2] if name not in env]
-            raise TopologyError(
-                f"{launcher} variable {present[0]} is set but {missing[0]} is not; a launcher sets "
-                f"both. Unset {present[0]} for a single process, or launch with `torchdist launch`."
-            )
-        values = []
-        for name in names:
-            raw = env.get(name)
-            if raw is None:
-                values.append(None)
-            elif raw.strip().isascii() and raw.strip().isdigit():
-                values.append(int(raw))
-            else:
-                raise TopologyError(f"{name}={raw!r} is not a non-negative integer.")
-        world, rank, local_rank, local_world = values
-        if local_rank is None:
-            local_rank = rank if local_world is None else rank % local_world
-        return world, rank, local_rank, local_world or 0
-    return 1, 0, 0, 0
 
 
 def _check_device(device: torch.device | str) -> torch.device:
