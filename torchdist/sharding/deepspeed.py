@@ -36,11 +36,10 @@ the engine spans the whole world: the topology must be purely data-parallel (``t
 ``pp`` of size 1; ``topo.size("dp") == world_size``), else ``TopologyError``. DeepSpeed keeps
 process-global state (its comm backend, its accelerator), so one engine's world per process;
 test it with ``torchdist.spawn`` (processes), not ``in_process`` (threads). DeepSpeed reads
-two environment variables that torchdist otherwise never writes: ``DS_ACCELERATOR`` is set to
-``"cpu"`` for a CPU topology when unset (before DeepSpeed is first imported), and
-``LOCAL_RANK`` to ``topo.local_rank`` when unset (DeepSpeed's engine asserts on it); an
-existing value that disagrees with the topology raises ``TopologyError``. These are the only
-environment writes.
+two environment variables, which torchdist writes from the topology (never reads):
+``DS_ACCELERATOR=cpu`` for a CPU topology (before DeepSpeed is first imported; DeepSpeed's
+accelerator is then checked against the topology's device) and ``LOCAL_RANK=topo.local_rank``
+(DeepSpeed's engine asserts on it). These are the only environment writes.
 
 Checkpoints: ``torchdist.checkpoint.save``/``load`` on a state whose model is an engine write
 the engine's own checkpoint (``engine.save_checkpoint(dir, tag="engine")``) in place of DCP,
@@ -297,21 +296,14 @@ def _check_topology(topo: Topology) -> None:
         )
 
 
-def _set_env(name: str, value: str, why: str) -> None:
-    current = os.environ.get(name)
-    if current is None:
-        os.environ[name] = value  # DeepSpeed reads it; see the module docstring
-    elif current != value:
-        raise TopologyError(f"{name}={current!r} in the environment, but {why} needs {value!r}.")
-
-
 def _import_deepspeed(topo: Topology) -> Any:
     """DeepSpeed, imported with the accelerator and ``LOCAL_RANK`` the topology implies."""
     import sys
 
+    # DeepSpeed reads these two; the topology is the truth, so they are written, never read.
     if topo.device.type == "cpu" and "deepspeed" not in sys.modules:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    _set_env("LOCAL_RANK", str(topo.local_rank), f"the topology's local rank {topo.local_rank}")
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ["LOCAL_RANK"] = str(topo.local_rank)
     try:
         import deepspeed as ds
     except ImportError as exc:
