@@ -29,18 +29,6 @@ from torchdist.transforms import autocast, checkpoint_activations, compose, opti
 torchao = pytest.importorskip("torchao")
 from torchao.float8.float8_linear import Float8Linear  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Run this module's tiny ops on one intra-op thread. They gain nothing from more, and on a
-    shared 2-core machine OpenMP's spinning workers made them 4-10x slower (measured: the four
-    50-step runs of test_precision.py took 15 s with 2 threads, 3.5 s with 1). Restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 STEPS, BATCH, SEQ, LR = 50, 8, 16, 3e-3
 

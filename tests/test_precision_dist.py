@@ -49,17 +49,6 @@ from torchdist.transforms import accumulate, compose, optimize, value_and_grad
 pytest.importorskip("torchao")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Run this module's tiny ops on one intra-op thread. They gain nothing from more, and on a
-    shared 2-core machine OpenMP's spinning workers made them 4-10x slower (measured: the four
-    50-step runs of test_precision.py took 15 s with 2 threads, 3.5 s with 1). Restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 STEPS, BATCH, SEQ, LR = 3, 8, 16, 0.5
 # Bias-free blocks, so a converted Linear sharded on its own is a unit of fp8 weights only.
 MODEL0 = build_gpt(seed=0, layers=2, seq=SEQ, bias=False)

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _sharding_models import PLAN, Block, Model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchdist as td
@@ -26,31 +27,7 @@ from torchdist.errors import CompositionError, ShardingError, TopologyError
 from torchdist.sharding import is_sharded, materialize, parallelize, replicate, shard
 from torchdist.transforms import checkpoint_activations
 
-PLAN = {"blocks.*.up": "colwise", "blocks.*.down": "rowwise"}
 ORDER = "The order that works"
-
-
-class Block(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        return x + self.down(F.gelu(self.up(x)))
-
-
-class Model(nn.Module):
-    def __init__(self, d: int = 16) -> None:
-        super().__init__()
-        self.inp = nn.Linear(8, d)
-        self.blocks = nn.ModuleList([Block(d), Block(d)])
-        self.out = nn.Linear(d, 5)  # 5 rows: uneven shards on 2 and 4 ranks
-
-    def forward(self, x):
-        x = self.inp(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.out(x)
 
 
 with torch.random.fork_rng():

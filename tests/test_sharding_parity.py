@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from _sharding_models import PLAN, Model
 
 import torchdist as td
 from torchdist.sharding import MixedPrecision, materialize, parallelize, replicate, shard
@@ -42,7 +43,6 @@ from torchdist.transforms import (
 )
 
 STEPS, GLOBAL_BATCH, LR, MAX_NORM, ATOL = 3, 16, 0.1, 0.5, 1e-6
-PLAN = {"blocks.*.up": "colwise", "blocks.*.down": "rowwise"}
 UNITS = 3  # FSDP units of Model under shard(): its two repeated blocks and the root
 # Under DETAIL, replicate gives DDP a group of its own (torch 2.13's DDP crashes on a DETAIL-
 # wrapped group); at INFO it uses the topology's "dp" group, whose collectives we count.
@@ -50,29 +50,6 @@ DDP_DEBUG = "INFO"
 
 
 # --------------------------------------------------------------------------- model and data
-class Block(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        return x + self.down(F.gelu(self.up(x)))
-
-
-class Model(nn.Module):
-    """Two identical residual MLP blocks in a ModuleList; the 5-wide head shards unevenly."""
-
-    def __init__(self, d: int = 16) -> None:
-        super().__init__()
-        self.inp = nn.Linear(8, d)
-        self.blocks = nn.ModuleList([Block(d), Block(d)])
-        self.out = nn.Linear(d, 5)
-
-    def forward(self, x):
-        x = self.inp(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.out(x)
 
 
 def _seeded(seed: int, build):
