@@ -266,7 +266,7 @@ def test_broadcast_dtype_outside_the_table_is_not_silently_replaced():
         return td.broadcast(x, topo)
 
     try:
-        results = td.in_process(fn, 2, timeout=10)
+        results = td.in_process(fn, 2, timeout=60)
     except CollectiveError as exc:
         assert "uint32" in str(exc)
     else:

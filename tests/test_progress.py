@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -39,3 +40,44 @@ def test_metrics_logger_reduces_only_on_logged_steps(tmp_path):
     assert results[1] == [None] * 4
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in rows] == [(0, 0.5), (2, 2.5)]
+
+
+def test_metrics_logger_writes_tensorboard_scalars(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (it is in .[dev])")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def run(topo):
+        logger = td.MetricsLogger(topo, str(tmp_path), every=2, tensorboard=True)
+        for step in range(4):
+            metrics = {
+                "loss": torch.tensor(float(topo.rank + step)),
+                "grad": {"norm": torch.tensor(2.0)},
+            }
+            logger.log(step, metrics)
+        logger.close()
+
+    td.in_process(run, 2)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["grad/norm", "loss"]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(0, 0.5), (2, 2.5)]
+    assert [(e.step, e.value) for e in events.Scalars("grad/norm")] == [(0, 2.0), (2, 2.0)]
+
+
+def test_metrics_logger_without_tensorboard(tmp_path, monkeypatch):
+    """tensorboard=False writes no events; tensorboard=True where the package is missing fails at
+    construction on every rank (not later, in a collective that rank 0 never reaches)."""
+    logger = td.MetricsLogger(td.Topology.single(), str(tmp_path / "off"), tensorboard=False)
+    logger.log(0, {"loss": torch.tensor(1.0)})
+    logger.close()
+    assert sorted(p.name for p in (tmp_path / "off").iterdir()) == ["metrics.jsonl"]
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # what find_spec sees when uninstalled
+    for rank in (0, 1):
+        topo = td.Topology(world_size=2, rank=rank, local_rank=rank)
+        with pytest.raises(ImportError, match="pip install tensorboard"):
+            td.MetricsLogger(topo, str(tmp_path / "required"), tensorboard=True)
+    default = td.MetricsLogger(td.Topology.single(), str(tmp_path / "default"))
+    default.log(0, {"loss": torch.tensor(1.0)})
+    default.close()
+    assert sorted(p.name for p in (tmp_path / "default").iterdir()) == ["metrics.jsonl"]

@@ -1,9 +1,12 @@
 """`MetricsLogger(topo, dir)`: metrics reduced across ranks when logged, written by rank 0.
 
-Rank 0 appends one JSON object per logged step to ``dir/metrics.jsonl`` and, when tensorboard is
-installed, writes TensorBoard events to ``dir``. Metrics pytrees are reduced (mean over the
-``"dp"`` axis by default) only on steps that are logged, never every step, so logging every
-``every`` steps costs one small collective per ``every`` steps.
+Rank 0 appends one JSON object per logged step to ``dir/metrics.jsonl`` and writes TensorBoard
+scalar events to ``dir``: with ``tensorboard=None`` (the default) when the ``tensorboard`` package
+is installed, with ``True`` always (every rank raises a clear ImportError at construction when it
+is missing), with ``False`` never. Keys of nested metrics are joined with ``/``, which TensorBoard
+shows as groups. Metrics pytrees are reduced (mean over the ``"dp"`` axis by default) only on
+steps that are logged, never every step, so logging every ``every`` steps costs one small
+collective per ``every`` steps.
 
 Example::
 
@@ -16,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -34,19 +38,30 @@ class MetricsLogger:
     """See the module docstring. Every rank must call ``log`` with the same steps."""
 
     def __init__(
-        self, topo: Topology, directory: str, *, every: int = 1, axis: Axis = "dp", op: str = "mean"
+        self,
+        topo: Topology,
+        directory: str,
+        *,
+        every: int = 1,
+        axis: Axis = "dp",
+        op: str = "mean",
+        tensorboard: bool | None = None,
     ) -> None:
         self.topo, self.directory, self.every, self.axis, self.op = topo, directory, every, axis, op
         self._writer = None
         self._file = None
+        if tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ImportError(
+                "MetricsLogger(tensorboard=True) needs the tensorboard package: pip install "
+                "tensorboard (or pass tensorboard=None to write events only where it is installed; "
+                "metrics.jsonl is written either way)"
+            )
         if topo.rank == 0:
             os.makedirs(directory, exist_ok=True)
             self._file = open(os.path.join(directory, "metrics.jsonl"), "a")
-            try:
+            if tensorboard or (tensorboard is None and importlib.util.find_spec("tensorboard")):
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                SummaryWriter = None
-            if SummaryWriter is not None:
+
                 self._writer = SummaryWriter(directory)
 
     def log(self, step: int, metrics: Any) -> dict[str, float] | None:
