@@ -21,7 +21,8 @@ from collections.abc import Iterator
 
 import torch
 
-from torchdist._compat import flatten_mesh
+from torchdist._compat import flatten_mesh, release_mesh
+from torchdist._forksafe import collect_before_next_fork
 from torchdist.errors import TopologyError
 from torchdist.topology import ALIASES, AXES, Topology
 
@@ -48,7 +49,9 @@ def distributed(
 
     Communicates: the rendezvous (a TCP store hosted by rank 0, or torchrun's agent store, or the
     ``store`` given), ``init_process_group`` on ``topo.backend``, and one sub-group per mesh axis
-    plus the flattened ``"dp"`` axis. On exit, also when the body raises, every group is destroyed.
+    plus the flattened ``"dp"`` axis. On exit, also when the body raises, every group is destroyed
+    and released, and garbage still holding one is collected before this process next forks (see
+    ``torchdist/_forksafe.py``: a forked DataLoader worker must not be the one to free it).
 
     ``timeout`` bounds every collective: a rank that waits longer for its peers raises instead of
     hanging. A one-process topology needs no network (an in-memory store) but is still live, so
@@ -87,12 +90,16 @@ def distributed(
         timeout=timeout,
         device_id=device_id,
     )
+    mesh = None
     try:
         mesh = _build_mesh(topo)
         flattened = {alias: flatten_mesh(mesh, names, alias) for alias, names in ALIASES.items()}
         yield topo.replace(mesh=mesh, flattened=flattened)
     finally:
         dist.destroy_process_group()
+        if mesh is not None:
+            release_mesh(mesh)  # the groups go now, not when the collector finds the mesh
+        collect_before_next_fork()  # what still holds a group (a model's hooks) goes before a fork
         sys.excepthook = excepthook
 
 

@@ -176,8 +176,8 @@ def in_process(
         topo = Topology(world_size=world_size, rank=rank, local_rank=rank, **axes)
         try:
             with distributed(topo, timeout=timeout, store=store) as live:
-                outcome = _Outcome(rank, True, fn(live, *args), at=time.time())
-        except BaseException as exc:  # noqa: BLE001 - carried to the caller
+                outcome = _run_rank(rank, fn, live, args)
+        except BaseException as exc:  # noqa: BLE001 - carried to the caller (setup, teardown)
             outcome = _Outcome(rank, False, exc, traceback.format_exc(), time.time())
         with finished:
             outcomes[rank] = outcome
@@ -230,6 +230,16 @@ def _default_start_method() -> str:
     return "spawn"
 
 
+def _run_rank(rank: int, fn, live: Topology, args) -> _Outcome:
+    """``fn(live, *args)`` as an outcome, stamped when it returned or raised. Not after teardown:
+    the first failure is the one reported, and a loaded rank's teardown can outlast a peer's
+    collective timeout, which would make the peer's consequence look like the cause."""
+    try:
+        return _Outcome(rank, True, fn(live, *args), at=time.time())
+    except BaseException as exc:  # noqa: BLE001 - carried to the caller
+        return _Outcome(rank, False, exc, traceback.format_exc(), time.time())
+
+
 def _process_main(fn, topo, args, writer, timeout, debug, stacks_dir, forked) -> None:
     import torch.distributed as dist
 
@@ -250,8 +260,8 @@ def _process_main(fn, topo, args, writer, timeout, debug, stacks_dir, forked) ->
             timeout=datetime.timedelta(seconds=timeout),
         )
         with distributed(topo, timeout=timeout, store=store) as live:
-            outcome = _Outcome(topo.rank, True, fn(live, *args), at=time.time())
-    except BaseException as exc:  # noqa: BLE001 - carried to the parent
+            outcome = _run_rank(topo.rank, fn, live, args)
+    except BaseException as exc:  # noqa: BLE001 - carried to the parent (setup, teardown)
         outcome = _Outcome(topo.rank, False, exc, traceback.format_exc(), time.time())
     try:
         payload = pickle.dumps(outcome)

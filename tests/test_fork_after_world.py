@@ -1,0 +1,92 @@
+"""A process that ran a world can still fork: no process group is left for a child to free.
+
+Regression: a root mesh and its flattened ``"dp"`` mesh form a reference cycle that held the
+world's gloo groups, and an FSDP2 or DDP model holds its groups through hook closures. The first
+garbage collection inside a forked child (a DataLoader worker, a process forked by hand) then ran
+the groups' destructors there: the child hung, or died of SIGSEGV (exit -11). This is how the
+real-process teardown test in test_worlds.py crashed on CI.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import weakref
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import torchdist as td
+from torchdist.sharding import replicate, shard
+
+
+def _exit_code_of_a_forked_collection() -> int | None:
+    """Fork a child by hand (no gc.freeze, unlike td.spawn) that runs one full collection."""
+    proc = multiprocessing.get_context("fork").Process(target=gc.collect)
+    proc.start()
+    proc.join(60)
+    if proc.is_alive():  # hung in a destructor
+        proc.kill()
+        proc.join()
+        return None
+    return proc.exitcode
+
+
+def _one_all_reduce(topo):
+    return float(td.all_reduce(torch.ones(1), topo))
+
+
+def _train(transform):
+    def rank(topo):
+        torch.manual_seed(0)
+        model = transform(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)), topo)
+        model(torch.randn(4, 8)).sum().backward()
+        return sorted(n for n, _ in model.named_parameters())
+
+    return rank
+
+
+WORLDS = {
+    "distributed, one process": lambda: _in_distributed(),
+    "in_process, 2x2 mesh": lambda: td.in_process(_one_all_reduce, 4, timeout=60, dp_shard=2, tp=2),
+    "in_process, shard": lambda: td.in_process(_train(shard), 2, timeout=60),
+    "in_process, replicate": lambda: td.in_process(_train(replicate), 2, timeout=60),
+}
+
+
+def _in_distributed():
+    with td.distributed(td.Topology.single()) as live:
+        return _one_all_reduce(live)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("world", list(WORLDS))
+def test_a_child_forked_after_a_world_can_collect_garbage(world):
+    assert WORLDS[world]()  # the world ran (a result per rank, or the reduced value)
+    assert _exit_code_of_a_forked_collection() == 0
+
+
+def test_the_process_group_is_released_when_the_world_ends():
+    """Without waiting for the collector: the live topology still in scope must not keep it."""
+    with td.distributed(td.Topology.single()) as live:
+        group = weakref.ref(dist.group.WORLD)
+        assert group() is not None and live.mesh.size() == 1
+    assert group() is None
+    assert live.mesh.mesh_dim_names  # the dead mesh is still there to look at
+
+
+@pytest.mark.multiprocess
+def test_a_dataloader_worker_after_an_in_process_world(tmp_path):
+    class Collecting(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            gc.collect()  # what any worker's allocations trigger sooner or later
+            return torch.tensor(float(i))
+
+    td.in_process(_train(shard), 2, timeout=60)
+    loader = torch.utils.data.DataLoader(Collecting(), batch_size=4, num_workers=2, timeout=60)
+    assert sorted(float(x) for batch in loader for x in batch) == [float(i) for i in range(16)]
