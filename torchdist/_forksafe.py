@@ -7,11 +7,12 @@ by hand), the gloo group's destructor runs there, where its threads do not exist
 hangs or dies of SIGSEGV. Reproduced in torch 2.13: train a ``shard``ed model in ``in_process``,
 then fork a child that calls ``gc.collect()``.
 
-So when a world ends, ``distributed`` calls :func:`collect_before_next_fork`. It registers, once
-per process, an ``os.register_at_fork`` hook that runs one full ``gc.collect()`` in the parent
-before the next fork (about 0.1-0.3 s with torch imported), and only if a world has ended since
-the last fork. This is process bookkeeping, not configuration: nothing here changes what any
-torchdist function does, and a process that never forks after a world never pays for it.
+So when a world ends, ``distributed`` calls :func:`collect_before_next_fork`, which sets one
+flag. An ``os.register_at_fork`` hook, registered when this module is imported, checks it before
+every fork (nanoseconds), and when it is set clears it and runs one full ``gc.collect()`` in the
+parent (about 0.1-0.3 s with torch imported): once per ended world, and only in a process that
+forks afterwards. The flag is module state on purpose, like ``_compat``'s in-process world lock:
+it records a fact about this process's heap, is not configuration, and changes no result.
 """
 
 from __future__ import annotations
@@ -20,23 +21,19 @@ import gc
 import os
 import threading
 
-_lock = threading.Lock()
-_hook_registered = False
-_collect_pending = False
+_world_ended = threading.Event()
 
 
 def collect_before_next_fork() -> None:
     """Ask for one ``gc.collect()`` in this process before its next fork."""
-    global _hook_registered, _collect_pending
-    with _lock:
-        _collect_pending = True
-        if not _hook_registered and hasattr(os, "register_at_fork"):
-            os.register_at_fork(before=_collect_if_pending)
-            _hook_registered = True
+    _world_ended.set()
 
 
-def _collect_if_pending() -> None:
-    global _collect_pending
-    if _collect_pending:
-        _collect_pending = False
+def _collect_if_a_world_ended() -> None:
+    if _world_ended.is_set():
+        _world_ended.clear()
         gc.collect()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; Windows has no fork
+    os.register_at_fork(before=_collect_if_a_world_ended)
