@@ -16,8 +16,7 @@ import random
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from _checkpoint_models import Net, loss_fn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 from torch.utils.data import TensorDataset
 
@@ -26,26 +25,6 @@ from torchdist import checkpoint
 from torchdist.data import shard_loader
 from torchdist.sharding import parallelize, replicate, shard
 from torchdist.transforms import compose, optimize, value_and_grad
-
-
-class Net(nn.Module):
-    """Small MLP with dropout, so training draws from the RNG."""
-
-    def __init__(self, hidden: int = 16, extra_layer: bool = False) -> None:
-        super().__init__()
-        self.inp = nn.Linear(8, hidden)
-        self.drop = nn.Dropout(0.25)
-        self.out = nn.Linear(hidden, 3)
-        if extra_layer:
-            self.more = nn.Linear(3, 3)
-
-    def forward(self, x):
-        return self.out(self.drop(torch.tanh(self.inp(x))))
-
-
-def loss_fn(model, batch):
-    x, y = batch
-    return F.cross_entropy(model(x), y)
 
 
 def dataset(n: int = 40) -> TensorDataset:

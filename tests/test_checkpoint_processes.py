@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from _checkpoint_models import Net, loss_fn
 from torch.utils.data import TensorDataset
 
 import torchdist as td
@@ -29,22 +29,6 @@ from torchdist import checkpoint
 from torchdist.data import shard_loader
 from torchdist.sharding import shard
 from torchdist.transforms import compose, optimize, value_and_grad
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(8, 15)  # 15 rows: uneven shards
-        self.drop = nn.Dropout(0.25)  # training draws from each rank's RNG
-        self.out = nn.Linear(15, 3)
-
-    def forward(self, x):
-        return self.out(self.drop(torch.tanh(self.inp(x))))
-
-
-def loss_fn(model, batch):
-    x, y = batch
-    return F.cross_entropy(model(x), y)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -57,7 +41,7 @@ def _bit_exact_sharded(topo, path):
 
     def fresh(seed):
         torch.manual_seed(seed)  # same initial weights on every rank
-        model = shard(Net(), topo)
+        model = shard(Net(hidden=15), topo)  # uneven shards
         opt = torch.optim.Adam(model.parameters(), lr=0.05)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
         loader = shard_loader(data, topo, batch_size=4, seed=1)
