@@ -48,7 +48,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import torchdist as td  # noqa: E402
-from torchdist.sharding.deepspeed import deepspeed, deepspeed_config  # noqa: E402
+from torchdist.sharding._deepspeed import deepspeed, deepspeed_config  # noqa: E402
 from torchdist.transforms import compose, optimize, value_and_grad  # noqa: E402
 
 GOAL_RATIO = 1.03

@@ -21,7 +21,7 @@ import torchdist as td
 from torchdist.errors import CheckpointError, CompositionError, TopologyError
 from torchdist.marks import mark
 from torchdist.sharding import replicate, shard
-from torchdist.sharding.deepspeed import deepspeed, deepspeed_config
+from torchdist.sharding._deepspeed import deepspeed, deepspeed_config
 from torchdist.transforms import (
     accumulate,
     autocast,
@@ -302,7 +302,7 @@ def test_missing_deepspeed_names_the_extra(monkeypatch):
     import importlib
     import sys
 
-    ds_module = importlib.import_module("torchdist.sharding.deepspeed")  # the module, not the fn
+    ds_module = importlib.import_module("torchdist.sharding._deepspeed")  # the module, not the fn
     monkeypatch.setitem(sys.modules, "deepspeed", None)
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(ImportError, match=r"pip install 'torchdist\[deepspeed\]'"):

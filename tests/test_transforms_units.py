@@ -29,7 +29,7 @@ from torchdist.transforms import (
     sync_grads,
     value_and_grad,
 )
-from torchdist.transforms.composition import CANONICAL_ORDER
+from torchdist.transforms._composition import CANONICAL_ORDER
 
 LR = 0.1
 

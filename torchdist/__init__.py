@@ -41,11 +41,10 @@ from torchdist.errors import (
 )
 from torchdist.metrics import MetricsLogger
 from torchdist.placement import to_device
-from torchdist.progress import progress
-from torchdist.runtime import distributed
+from torchdist._progress import progress
+from torchdist.runtime import distributed, in_process, spawn
 from torchdist.state import LossScale, TrainState
 from torchdist.topology import Topology
-from torchdist.worlds import in_process, spawn
 
 __version__ = "0.1.0"
 

@@ -74,7 +74,7 @@ class StepContext:
     loss_multiplier: float = 1.0
     autocast_dtype: torch.dtype | None = None
     loss_scale: torch.Tensor | None = None
-    grad_sync: Any = None  # torchdist.transforms.sync_grads.GradSync
+    grad_sync: Any = None  # torchdist.transforms._sync_grads.GradSync
     micro_step: tuple[int, int] = (0, 1)
     found_inf: torch.Tensor | None = None  # set once gradients are unscaled
 

@@ -4,10 +4,10 @@
   loader=None)``: model and optimizer through ``torch.distributed.checkpoint`` (each rank writes
   its shards; loads at another world size or mesh reshard), plus step, every rank's RNG states,
   scheduler, loss scale, ``TrainState.extra`` and the loader's position. Atomic: a checkpoint
-  directory appears only once complete. See ``torchdist.checkpoint.dcp``.
+  directory appears only once complete. See ``torchdist.checkpoint._dcp``.
 * ``export_safetensors(model, path, topo)`` / ``load_safetensors(model, path, topo)``:
   consolidated full weights in the Hugging Face layout, written one parameter at a time; loads
-  read only each rank's slices. See ``torchdist.checkpoint.safetensors``.
+  read only each rank's slices. See ``torchdist.checkpoint._safetensors``.
 
 Every error is a ``CheckpointError`` that names what was found, what was expected and the fix.
 Nothing is ever unpickled freely: see ``torchdist.checkpoint._safe`` for what DCP's metadata
@@ -22,8 +22,8 @@ Example::
 """
 
 from torchdist.checkpoint._layout import FORMAT_VERSION, MARKER
-from torchdist.checkpoint.dcp import load, save
-from torchdist.checkpoint.safetensors import SafetensorsLoad, export_safetensors, load_safetensors
+from torchdist.checkpoint._dcp import load, save
+from torchdist.checkpoint._safetensors import SafetensorsLoad, export_safetensors, load_safetensors
 
 __all__ = [
     "save",

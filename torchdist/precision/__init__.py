@@ -11,9 +11,9 @@ torchao (``pip install 'torchdist[fp8]'``) is imported when a model or optimizer
 not by importing this package.
 """
 
-from torchdist.precision.float8 import Float8Recipe, autocast_fp8, converted_layers, fp8_compatible
-from torchdist.precision.msamp import msamp_initialize
-from torchdist.precision.optimizers import low_bit_adamw, optimizer_state_bytes
+from torchdist.precision._float8 import Float8Recipe, autocast_fp8, converted_layers, fp8_compatible
+from torchdist.precision._msamp import msamp_initialize
+from torchdist.precision._optimizers import low_bit_adamw, optimizer_state_bytes
 
 __all__ = [
     "Float8Recipe",

@@ -5,10 +5,10 @@ The order that works, first to last: ``autocast_fp8`` -> ``parallelize`` ->
 in a ``TrainState``) replaces ``shard``/``replicate``; it imports DeepSpeed only when called.
 """
 
-from torchdist.sharding.ddp import replicate
-from torchdist.sharding.deepspeed import consolidated, deepspeed
-from torchdist.sharding.fsdp import MixedPrecision, is_sharded, materialize, shard
-from torchdist.sharding.tensor_parallel import parallelize
+from torchdist.sharding._ddp import replicate
+from torchdist.sharding._deepspeed import consolidated, deepspeed
+from torchdist.sharding._fsdp import MixedPrecision, is_sharded, materialize, shard
+from torchdist.sharding._tensor_parallel import parallelize
 
 __all__ = [
     "shard",

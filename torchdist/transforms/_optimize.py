@@ -9,8 +9,8 @@ import torch
 from torchdist.errors import CompositionError
 from torchdist.marks import after_optimizer_step_hooks, deepspeed_engine
 from torchdist.state import StepFn, TrainState
-from torchdist.transforms.autocast import unscale_grads, update_scale
-from torchdist.transforms.composition import Phase, StepTransform
+from torchdist.transforms._autocast import unscale_grads, update_scale
+from torchdist.transforms._composition import Phase, StepTransform
 
 __all__ = ["optimize"]
 

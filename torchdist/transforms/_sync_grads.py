@@ -34,7 +34,7 @@ from torchdist.errors import TopologyError
 from torchdist.marks import data_parallel_owner
 from torchdist.state import StepFn, TrainState
 from torchdist.topology import Topology
-from torchdist.transforms.composition import Phase, StepTransform
+from torchdist.transforms._composition import Phase, StepTransform
 
 __all__ = ["sync_grads", "GradSync"]
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import torch
 
 from torchdist._compat import flatten_mesh, release_mesh
-from torchdist._forksafe import collect_before_next_fork
+from torchdist.runtime._forksafe import collect_before_next_fork
 from torchdist.errors import TopologyError
 from torchdist.topology import ALIASES, AXES, Topology
 
@@ -51,7 +51,7 @@ def distributed(
     ``store`` given), ``init_process_group`` on ``topo.backend``, and one sub-group per mesh axis
     plus the flattened ``"dp"`` axis. On exit, also when the body raises, every group is destroyed
     and released, and garbage still holding one is collected before this process next forks (see
-    ``torchdist/_forksafe.py``: a forked DataLoader worker must not be the one to free it).
+    ``torchdist/runtime/_forksafe.py``: a forked DataLoader worker must not be the one to free it).
 
     ``timeout`` bounds every collective: a rank that waits longer for its peers raises instead of
     hanging. A one-process topology needs no network (an in-memory store) but is still live, so

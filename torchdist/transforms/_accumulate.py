@@ -20,7 +20,7 @@ import torch
 from torchdist.errors import CompositionError, StepError
 from torchdist.marks import deepspeed_engine
 from torchdist.state import StepFn, TrainState
-from torchdist.transforms.composition import Phase, StepTransform
+from torchdist.transforms._composition import Phase, StepTransform
 
 __all__ = ["accumulate", "gradient_sync_disabled", "split_batch"]
 
@@ -53,7 +53,7 @@ def accumulate(n: int) -> StepTransform:
                 raise CompositionError(
                     f"accumulate({n}) on a DeepSpeed engine built with gradient_accumulation_steps"
                     f"={engine.gradient_accumulation_steps()}; build it with "
-                    f"torchdist.sharding.deepspeed(..., accumulation={n})."
+                    f"torchdist.sharding._deepspeed(..., accumulation={n})."
                 )
             for index, micro in enumerate(split_batch(batch, n)):
                 ctx = outer_ctx.replace(

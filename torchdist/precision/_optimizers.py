@@ -92,7 +92,7 @@ def low_bit_adamw(
     params = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in params]
     if not params:
         raise CompositionError("low_bit_adamw got an empty parameter list.")
-    from torchdist.precision.float8 import _require_torchao
+    from torchdist.precision._float8 import _require_torchao
 
     _require_torchao(f"low_bit_adamw(bits={bits}, fp8={fp8})", "optim")
     from torchdist.precision._torchao import low_bit_adamw_class

@@ -7,7 +7,7 @@ from typing import Any
 
 from torchdist.blocks import repeated_blocks
 from torchdist.state import StepFn, TrainState
-from torchdist.transforms.composition import Phase, StepTransform
+from torchdist.transforms._composition import Phase, StepTransform
 
 __all__ = ["compile"]
 

@@ -308,7 +308,7 @@ def _import_deepspeed(topo: Topology) -> Any:
         import deepspeed as ds
     except ImportError as exc:
         raise ImportError(
-            f"torchdist.sharding.deepspeed needs DeepSpeed, which is not installed ({exc}). "
+            f"torchdist.sharding._deepspeed needs DeepSpeed, which is not installed ({exc}). "
             f"Install it with: {_INSTALL}"
         ) from exc
     from deepspeed.accelerator import get_accelerator
@@ -328,7 +328,7 @@ def _engine(model: Any) -> Any:
     engine = deepspeed_engine(model)
     if engine is None:
         raise CompositionError(
-            f"expected a DeepSpeed engine (TrainState.model after torchdist.sharding.deepspeed), "
+            f"expected a DeepSpeed engine (TrainState.model after torchdist.sharding._deepspeed), "
             f"got {type(model).__name__}."
         )
     return engine

@@ -18,8 +18,8 @@ import torch
 from torchdist.errors import CompositionError, StepError
 from torchdist.marks import deepspeed_engine
 from torchdist.state import StepFn, TrainState
-from torchdist.transforms.autocast import unscale_grads
-from torchdist.transforms.composition import Phase, StepTransform
+from torchdist.transforms._autocast import unscale_grads
+from torchdist.transforms._composition import Phase, StepTransform
 
 __all__ = ["clip_grads", "global_grad_norm", "clip_by_norm"]
 
@@ -89,7 +89,7 @@ def clip_grads(max_norm: float, norm_type: float = 2.0) -> StepTransform:
                     raise CompositionError(
                         f"clip_grads({max_norm}) on a DeepSpeed engine that clips at "
                         f"{engine.gradient_clipping()}; build it with "
-                        f"torchdist.sharding.deepspeed(..., clip={max_norm})."
+                        f"torchdist.sharding._deepspeed(..., clip={max_norm})."
                     )
                 return inner(state, batch)
             state, metrics = inner(state, batch)

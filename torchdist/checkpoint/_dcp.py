@@ -22,10 +22,10 @@ What goes where, in ``<root>/step_<step:08d>/``:
   ``r``, else rank 0's: new ranks then start from rank 0's RNG state. The loader's position
   is global, so it resumes correctly at any world size.
 * ``torchdist_checkpoint.json``: the completion marker (see ``_layout``).
-* **DeepSpeed engines** (``TrainState.model`` from ``torchdist.sharding.deepspeed``): the engine's
+* **DeepSpeed engines** (``TrainState.model`` from ``torchdist.sharding._deepspeed``): the engine's
   own checkpoint (``engine.save_checkpoint``, in ``engine/``) takes the place of DCP's files; the
   extras, the atomic rename and the marker are the same. It loads only at the same world size
-  and ZeRO stage; see ``_engine_*`` below and ``torchdist.sharding.deepspeed``.
+  and ZeRO stage; see ``_engine_*`` below and ``torchdist.sharding._deepspeed``.
 
 **Atomic.** Everything is written into ``step_X.tmp-<token>`` (the token chosen by rank 0 and
 shared), and only when every rank has written does rank 0 write the marker and rename the

@@ -59,7 +59,7 @@ import torch
 
 from torchdist._compat import install_thread_world
 from torchdist.errors import DistributedTimeoutError, RankError, TopologyError
-from torchdist.runtime import distributed
+from torchdist.runtime._distributed import distributed
 from torchdist.topology import Topology
 
 __all__ = ["spawn", "in_process"]

@@ -21,7 +21,7 @@ import torch
 from torchdist.errors import CompositionError
 from torchdist.marks import deepspeed_engine
 from torchdist.state import LossScale, StepFn, TrainState
-from torchdist.transforms.composition import Phase, StepTransform
+from torchdist.transforms._composition import Phase, StepTransform
 
 __all__ = ["autocast", "unscale_grads"]
 
@@ -87,7 +87,7 @@ def _check_engine_dtype(engine: Any, dtype: torch.dtype) -> None:
     if engine_dtype != dtype:
         raise CompositionError(
             f"autocast({dtype}) on a DeepSpeed engine that computes in {engine_dtype}: DeepSpeed "
-            f"owns mixed precision. Build it with torchdist.sharding.deepspeed(..., dtype={dtype})"
+            f"owns mixed precision. Build it with torchdist.sharding._deepspeed(..., dtype={dtype})"
             ", or drop autocast."
         )
 

@@ -11,7 +11,7 @@ import torch
 from torchdist.errors import StepError
 from torchdist.marks import deepspeed_engine
 from torchdist.state import StepFn, TrainState
-from torchdist.transforms.composition import Phase, step_function
+from torchdist.transforms._composition import Phase, step_function
 
 __all__ = ["value_and_grad"]
 
@@ -28,7 +28,7 @@ def value_and_grad(
     (``accumulate``) and fp16 loss scale (``autocast``). The forward runs under the autocast
     dtype ``autocast`` set, the backward outside it, as torch recommends.
 
-    On a DeepSpeed engine (``torchdist.sharding.deepspeed``) the backward is ``engine.backward``.
+    On a DeepSpeed engine (``torchdist.sharding._deepspeed``) the backward is ``engine.backward``.
 
     Communicates nothing itself; gradient hooks placed by ``sync_grads``/``shard``/``replicate``
     (or DeepSpeed's ZeRO) communicate during the backward.

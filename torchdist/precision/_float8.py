@@ -300,7 +300,7 @@ def autocast_fp8(model: nn.Module, recipe: Float8Recipe | None = None) -> nn.Mod
             "choose layers yourself."
         )
     if recipe.name == "transformer_engine":
-        from torchdist.precision.transformer_engine import convert_to_transformer_engine
+        from torchdist.precision._transformer_engine import convert_to_transformer_engine
 
         model = convert_to_transformer_engine(model, layers, dict(recipe.options))
         hook = None
