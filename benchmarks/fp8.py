@@ -49,7 +49,7 @@ import torch.nn.functional as F
 import torchdist as td
 from torchdist.precision import Float8Recipe, autocast_fp8
 from torchdist.transforms import autocast, compose, optimize, value_and_grad
-from torchdist.transforms import compile as compile_step
+from torchdist.transforms import compile as compile_model
 
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 
@@ -293,9 +293,10 @@ def gpu_run(args, recipe: str | None, by_hand: bool) -> float:
             make = getattr(Float8Recipe, recipe)
             extra = {"fsdp_float8_all_gather": False} if recipe == "tensorwise" else {}
             model = autocast_fp8(model, make(skip_first_last=False, **extra))
+        if compiled:  # the model transform: each block (and anything outside them)
+            model = compile_model(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        transforms = [optimize(opt)] + ([compile_step()] if compiled else [])
-        composed = compose(*transforms)(value_and_grad(stack_loss))
+        composed = compose(optimize(opt))(value_and_grad(stack_loss))
         state = [td.TrainState(model=model, optimizer=opt)]
 
         def step():

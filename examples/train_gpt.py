@@ -4,17 +4,24 @@ The corpus is the Python source of this repository (real text, shipped with it, 
 Every rank reads its share of each global batch; gradients are averaged with ``sync_grads``;
 the step is composed inline.
 
-Run on 2 CPU ranks (what `just demo` does)::
+The layout comes from the topology the script is launched with (``--mesh`` of
+``torchdist launch``, read by ``Topology.from_env``), and each axis larger than 1 gets the
+transform that uses it: ``tp`` -> ``parallelize``, ``dp_shard`` -> ``shard`` (HSDP with
+``dp_replicate``), ``dp_replicate`` alone -> ``replicate``. ``--parallel`` picks one by hand; an
+axis that nothing uses is an error (``torchdist._axes.check_axes_used``).
 
-    torchrun --standalone --nproc-per-node 2 examples/train_gpt.py --steps 60
+Run on 4 CPU ranks, FSDP2 x tensor parallel::
 
-or on one process: ``python examples/train_gpt.py``.
+    torchdist launch -n 4 --mesh dp_shard=2,tp=2 examples/train_gpt.py --steps 100
+
+on 2 ranks (what `just demo` does), or on one process: ``python examples/train_gpt.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import pathlib
 import time
 
@@ -105,25 +112,43 @@ def loss_fn(model: nn.Module, batch) -> torch.Tensor:
     return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
 
+def layout(parallel: str, topo: td.Topology) -> tuple[str, ...]:
+    """The model transforms each mesh axis > 1 needs (``auto``), or the one ``--parallel`` names."""
+    if parallel != "auto":
+        return () if parallel == "sync" else (parallel,)
+    chosen = ("tp",) if topo.tp > 1 else ()
+    if topo.dp_shard > 1:
+        chosen += ("shard",)  # HSDP when dp_replicate > 1 too
+    elif topo.dp_replicate > 1:
+        chosen += ("replicate",)
+    return chosen
+
+
 def build_step(args, topo: td.Topology, model: nn.Module):
     """Model transforms in torchtitan's order, then the step transforms, composed inline."""
+    from torchdist._axes import check_axes_used
     from torchdist.sharding import parallelize, replicate, shard
     from torchdist.transforms import checkpoint_activations
-    from torchdist.transforms import compile as compile_step
+    from torchdist.transforms import compile as compile_model
 
-    if args.precision == "fp8":  # first: fp8 -> tp -> activation checkpointing -> shard
+    if args.precision == "fp8":  # first: fp8 -> tp -> activation checkpointing -> compile -> shard
         from torchdist.precision import Float8Recipe, autocast_fp8, converted_layers
 
         model = autocast_fp8(model, Float8Recipe.tensorwise())
         td.print0(topo, f"fp8 layers: {', '.join(converted_layers(model))}")
-    if args.parallel == "tp":
+    chosen = layout(args.parallel, topo)
+    if "tp" in chosen:
         model = parallelize(model, topo, TP_PLAN)
     if args.checkpoint_activations:
         model = checkpoint_activations(model)
-    if args.parallel == "shard":
+    if args.compile:  # regional: each block, then embeddings, norm and head
+        model = compile_model(model)
+    if "shard" in chosen:
         model = shard(model, topo)
-    elif args.parallel == "replicate":
+    elif "replicate" in chosen:
         model = replicate(model, topo)
+    # An axis > 1 that nothing uses would make its ranks repeat each other's work.
+    check_axes_used(topo, model, what="train_gpt.py", uses=("sync_grads",))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
@@ -134,34 +159,8 @@ def build_step(args, topo: td.Topology, model: nn.Module):
         transforms.append(accumulate(args.accumulate))
     if args.precision in ("bf16", "fp8"):
         transforms.append(autocast(torch.bfloat16))
-    if args.compile:
-        transforms.append(compile_step())
     step = compose(*transforms)(value_and_grad(loss_fn))
     return model, opt, sched, step
-
-
-def save_loss_curve(path: str, losses: list[tuple[int, float]]) -> None:
-    """A dependency-free SVG line plot of (step, loss)."""
-    w, h, pad = 640, 360, 40
-    steps, values = zip(*losses)
-    lo, hi = min(values), max(values)
-    x = lambda s: pad + (w - 2 * pad) * (s - steps[0]) / max(steps[-1] - steps[0], 1)
-    y = lambda v: h - pad - (h - 2 * pad) * (v - lo) / max(hi - lo, 1e-9)
-    points = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in losses)
-    svg = (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
-        f'font-family="sans-serif" font-size="12">'
-        f'<rect width="100%" height="100%" fill="white"/>'
-        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>'
-        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>'
-        f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{points}"/>'
-        f'<text x="{w / 2}" y="{h - 8}" text-anchor="middle">step</text>'
-        f'<text x="{pad}" y="{pad - 10}">loss {hi:.3f}</text>'
-        f'<text x="{pad}" y="{h - pad + 15}">{lo:.3f}</text>'
-        f'<text x="{w - pad}" y="{h - pad + 15}" text-anchor="end">{steps[-1]}</text></svg>'
-    )
-    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(path).write_text(svg)
 
 
 def main() -> None:
@@ -172,9 +171,10 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--parallel", choices=("shard", "replicate", "tp", "sync"), default="shard",
-                        help="shard (FSDP2), replicate (DDP), tp (tensor parallel) or sync (plain "
-                        "model + sync_grads)")  # fmt: skip
+    parser.add_argument("--parallel", choices=("auto", "shard", "replicate", "tp", "sync"),
+                        default="auto", help="auto: what the launch mesh's axes need; or shard "
+                        "(FSDP2), replicate (DDP), tp (tensor parallel), sync (plain model + "
+                        "sync_grads)")  # fmt: skip
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="fp32",
                         help="fp8: torchao float8 matmuls, bf16 elsewhere")  # fmt: skip
     parser.add_argument("--accumulate", type=int, default=1)
@@ -184,16 +184,23 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=20)
-    parser.add_argument("--loss-curve", default="runs/loss_curve.svg")
+    parser.add_argument("--run-dir", default="runs/train_gpt",
+                        help="metrics.jsonl (+ TensorBoard events) and loss.png go here; '' for "
+                        "none")  # fmt: skip
     args = parser.parse_args()
 
-    axes = {"tp": -1} if args.parallel == "tp" else {}
-    if args.parallel == "replicate":
-        axes = {"dp_replicate": -1, "dp_shard": 1}
+    # The launch mesh (torchdist launch --mesh, TORCHDIST_MESH) wins; without one, --parallel
+    # tp / replicate put the whole world on that axis.
+    axes = {}
+    if not os.environ.get("TORCHDIST_MESH"):
+        axes = {"tp": {"tp": -1}, "replicate": {"dp_replicate": -1, "dp_shard": 1}}.get(
+            args.parallel, {}
+        )
     topo = td.Topology.from_env(device="cpu", **axes)
     with td.distributed(topo) as topo:
         print(f"rank {topo.rank}: world {topo.world_size}, mesh {topo.axes}", flush=True)
-        td.print0(topo, f"training: {args.parallel}, {args.precision}, {args.steps} steps")
+        chosen = ", ".join(layout(args.parallel, topo)) or "sync_grads"
+        td.print0(topo, f"training: {chosen}, {args.precision}, {args.steps} steps")
         td.set_seed(args.seed)
         model = td.to_device(GPT(dim=args.dim, layers=args.layers, seq=args.seq), topo)
         model, opt, sched, step = build_step(args, topo, model)
@@ -205,27 +212,41 @@ def main() -> None:
         if ckpt is not None and any(ckpt.glob("step_*")):
             state = td.checkpoint.load(ckpt, state, topo, loader=loader)
             td.print0(topo, f"resumed from {ckpt} at step {state.step}")
-        bar = td.progress(range(state.step, args.steps), topo, every=args.log_every,
-                          tokens_per_step=args.batch * args.seq, use_tqdm=False)  # fmt: skip
-        batches, losses, start = _forever(loader), [], time.perf_counter()
+        bar = td.progress(range(state.step, args.steps), topo, initial=state.step,
+                          every=args.log_every, tokens_per_step=args.batch * args.seq)  # fmt: skip
+        # Appends across resumes, so the plot below shows the whole run.
+        logger = td.MetricsLogger(topo, args.run_dir) if args.run_dir else None
+        batches, last, start = _forever(loader), None, time.perf_counter()
         for i in bar:
             state, metrics = step(state, next(batches))
             if (i + 1) % args.log_every == 0 or i + 1 == args.steps:
-                m = td.all_reduce(metrics, topo, op="mean", axis="dp")  # reduced only when logged
-                losses.append((i + 1, m["loss"].item()))
-                bar.log(loss=m["loss"], grad_norm=m["grad_norm"])
+                if logger is not None:  # reduced over "dp" only when logged; the row on rank 0
+                    last = logger.log(i + 1, metrics)
+                else:
+                    last = {k: float(v) for k, v in td.all_reduce(
+                        metrics, topo, op="mean", axis="dp").items()}  # fmt: skip
+                if last is not None:
+                    bar.log(loss=last["loss"], grad_norm=last["grad_norm"])
             if ckpt is not None and (
                 state.step % args.checkpoint_every == 0 or i + 1 == args.steps
             ):
                 td.checkpoint.save(ckpt, state, topo, loader=loader, keep=2)
-        if losses:
+        if logger is not None:
+            logger.close()
+        if last is not None and td.is_main(topo):
             elapsed = time.perf_counter() - start
-            td.print0(
-                topo, f"done at step {state.step} ({elapsed:.1f} s), final loss {losses[-1][1]:.4f}"
-            )
-        if td.is_main(topo) and args.loss_curve and len(losses) > 1:
-            save_loss_curve(args.loss_curve, losses)
-            print(f"loss curve: {args.loss_curve}")
+            print(f"done at step {state.step} ({elapsed:.1f} s), final loss {last['loss']:.4f}")
+            if logger is not None:
+                _plot(args.run_dir)
+
+
+def _plot(run_dir: str) -> None:
+    try:
+        png = pathlib.Path(run_dir) / "loss.png"
+        td.plot_metrics(pathlib.Path(run_dir) / "metrics.jsonl", png, keys=["loss", "grad_norm"])
+        print(f"loss curve: {png}  (torchdist plot {run_dir}/metrics.jsonl redraws it)")
+    except ImportError as missing:  # matplotlib is in .[dev], not a dependency of torchdist
+        print(f"no loss curve: {missing}")
 
 
 def _forever(loader):

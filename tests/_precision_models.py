@@ -2,7 +2,8 @@
 
 ``GPT``: token + position embeddings, pre-norm attention/MLP blocks in a ModuleList, a rank-24
 adapter (its 24-wide Linears are not multiples of 16) and a bias-free LM head. In the order
-``named_modules`` lists its Linears, the first is ``blocks.0.qkv`` and the last ``head``.
+``named_modules`` lists its Linears, the first is ``blocks.0.qkv`` and the last ``head``; outside
+the blocks, the first is ``adapter_down``.
 
 ``markov_batches``: token sequences from a fixed random Markov chain in which every token has
 ``fanout`` equally likely successors, so the loss falls from ln(vocab) towards ln(fanout) and
@@ -52,10 +53,10 @@ class GPT(nn.Module):
         return self.head(self.norm(x))
 
 
-# What Float8Recipe's default filter converts in GPT(layers=2): every block Linear except the
-# model's first Linear (blocks.0.qkv); not the 24-wide adapter, not the head (the last Linear).
+# What Float8Recipe's default filter converts in GPT(layers=2): every block Linear (the edges it
+# skips lie outside the blocks: the adapter's first Linear and the head); not the 24-wide adapter.
 DEFAULT_FP8_LAYERS = (
-    "blocks.0.proj", "blocks.0.up", "blocks.0.down",
+    "blocks.0.qkv", "blocks.0.proj", "blocks.0.up", "blocks.0.down",
     "blocks.1.qkv", "blocks.1.proj", "blocks.1.up", "blocks.1.down",
 )  # fmt: skip
 

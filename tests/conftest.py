@@ -2,7 +2,8 @@
 
 ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` is set before torch is imported so that gloo reports a
 mismatched collective at once instead of hanging (TESTING.md). Every test has a timeout
-(pyproject: pytest-timeout) so a hang becomes a failure.
+(pyproject: pytest-timeout) so a hang becomes a failure. ``TORCH_EXTENSIONS_DIR`` defaults to
+``.cache/torch_extensions/`` in the repo so DeepSpeed's JIT-built CPU op is compiled once.
 """
 
 import os
@@ -11,6 +12,16 @@ os.environ.setdefault("TORCH_DISTRIBUTED_DEBUG", "DETAIL")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# DeepSpeed JIT-builds its CPU shared-memory comm op (~30 s of compiling) when an engine's comm
+# backend starts. Torch caches the build in TORCH_EXTENSIONS_DIR; a folder inside the repo
+# (git-ignored, per torch version) makes that once per checkout instead of once per fresh machine
+# or home. Spawned ranks inherit it.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR",
+    os.path.join(_ROOT, ".cache", "torch_extensions", f"torch-{torch.__version__}"),
+)
 
 # Two xdist workers share two cores: OpenMP workers spinning in each would only contend.
 torch.set_num_threads(1)

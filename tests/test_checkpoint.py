@@ -107,10 +107,12 @@ def test_loss_scale_and_model_only_round_trip(tmp_path):
     scaler = td.LossScale(
         scale=torch.tensor(8.0), growth_tracker=torch.tensor(5, dtype=torch.int32)
     )
-    checkpoint.save(tmp_path, td.TrainState(model=model, step=4, scaler=scaler), topo)
+    saved = td.TrainState(model=model, step=4, transforms={"autocast": scaler})
+    checkpoint.save(tmp_path, saved, topo)
     other = Net()
     placeholder = td.LossScale.initial("cpu")
-    state = checkpoint.load(tmp_path, td.TrainState(model=other, scaler=placeholder), topo)
+    template = td.TrainState(model=other, transforms={"autocast": placeholder})
+    state = checkpoint.load(tmp_path, template, topo)
     assert state.scaler.scale.item() == 8.0 and state.scaler.growth_tracker.item() == 5
     assert all(map(torch.equal, model.parameters(), other.parameters()))
 

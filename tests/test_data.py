@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset, TensorDataset
 
 import torchdist as td
 from torchdist import CheckpointError, Topology
-from torchdist.data import epoch_order, shard_loader
+from torchdist.data import ShardedLoader, epoch_order, shard_loader
 
 N, B = 22, 4  # the case: 22 samples, batch 4 per rank
 
@@ -255,7 +255,7 @@ def test_bad_datasets_and_arguments():
             yield from range(3)
 
     with pytest.raises(TypeError, match="map-style.*IterableDataset Stream"):
-        shard_loader(Stream(), Topology.single(), batch_size=2)
+        ShardedLoader(Stream(), Topology.single(), batch_size=2)  # shard_loader streams it
     with pytest.raises(TypeError, match="__getitem__"):
         shard_loader({1, 2}, Topology.single(), batch_size=2)
     with pytest.raises(ValueError, match="batch_size"):

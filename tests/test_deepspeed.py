@@ -11,6 +11,7 @@ Save/load/resume is compared exactly (``atol=0``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -101,17 +102,26 @@ def _parity_world(topo):
                       clip=1.0)  # fmt: skip
     step = compose(optimize(), clip_grads(1.0), accumulate(2))(value_and_grad(loss_fn))
     norms = []
-    for batch in global_batches(2):
-        state, metrics = step(state, local(batch, topo.rank, 2))
-        norms.append(float(metrics["grad_norm"]))
+    for batch in global_batches(2):  # accumulate(2) is across calls: one micro-batch per call
+        mine = local(batch, topo.rank, 2)
+        for i in range(2):
+            state, metrics = step(state, tuple(t[i * MICRO : (i + 1) * MICRO] for t in mine))
+            if "grad_norm" in metrics:  # reported on the call that steps the optimizer
+                norms.append(float(metrics["grad_norm"]))
     out["accum_clip"] = full_params(state)
     out["accum_clip_norms"] = norms
 
     # Step transforms composed against an engine built otherwise: errors naming the argument.
+    # A state without transform state, as a new step function binds it (the engine is checked
+    # when a step binds a state).
+    state = dataclasses.replace(state, transforms={})
     errors = {}
-    for name, transform in (("accumulate", accumulate(3)), ("clip", clip_grads(0.5)),
-                            ("autocast", autocast(torch.bfloat16))):  # fmt: skip
-        bad = compose(optimize(), transform)(value_and_grad(loss_fn))
+    # Each step agrees with the engine (accumulation=2, clip=1.0) but for the one field tested.
+    for name, transforms in (("accumulate", (accumulate(3),)),
+                             ("clip", (clip_grads(0.5), accumulate(2))),
+                             ("autocast", (clip_grads(1.0), accumulate(2),
+                                           autocast(torch.bfloat16)))):  # fmt: skip
+        bad = compose(optimize(), *transforms)(value_and_grad(loss_fn))
         try:
             bad(state, local(global_batches(2)[0], topo.rank, 2))
         except CompositionError as exc:

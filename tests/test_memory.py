@@ -57,3 +57,43 @@ def test_bad_inputs_raise():
         estimate(1e9, Topology(), optimizer="lion")
     with pytest.raises(TopologyError, match="positive"):
         estimate(0, Topology())
+
+
+def test_fp32_has_no_master_copy_and_sgd_no_moments():
+    p = 1e9
+    fp32 = estimate(p, Topology(), dtype="fp32")["replicate"]
+    assert (fp32.params, fp32.grads, fp32.optimizer) == (4 * p, 4 * p, 8 * p)
+    assert estimate(p, Topology(), optimizer="sgd")["replicate"].optimizer == 4 * p  # master only
+    assert estimate(p, Topology(), optimizer="sgd", dtype="fp32")["replicate"].optimizer == 0
+    with pytest.raises(TopologyError, match="unknown dtype"):
+        estimate(p, Topology(), dtype="fp64")
+
+
+LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "vocab_size": 32000}  # fmt: skip
+
+
+def test_activations_with_and_without_checkpointing():
+    from torchdist.memory import activation_bytes
+
+    gpt2 = {"n_embd": 768, "n_layer": 12, "vocab_size": 50257}
+    s, b, h = 1024, 4, 768
+    full = activation_bytes(gpt2, seq=s, batch=b)
+    logits = 6 * s * b * 50257  # bf16 head output + its fp32 copy for the loss
+    assert full == pytest.approx(12 * 34 * s * b * h + logits)  # Korthikanti's 34sbh per layer
+    ckpt = activation_bytes(gpt2, seq=s, batch=b, checkpointing=True)
+    assert ckpt == pytest.approx(12 * 2 * s * b * h + 34 * s * b * h + logits)
+    tp = activation_bytes(LLAMA_7B, seq=s, batch=b, topo=Topology(world_size=2, tp=2))
+    assert tp < activation_bytes(LLAMA_7B, seq=s, batch=b)
+    fp32 = activation_bytes(gpt2, seq=s, batch=b, dtype="fp32")
+    assert fp32 == pytest.approx(2 * (full - logits) + 4 * s * b * 50257)  # fp32 logits only
+    with pytest.raises(TopologyError, match="hidden size"):
+        activation_bytes({"vocab_size": 3}, seq=s, batch=b)
+
+
+def test_multimodal_and_moe_configs():
+    from torchdist.memory import params_from_config
+
+    assert params_from_config({"text_config": LLAMA_7B}) == 6_738_415_616
+    moe = params_from_config({**LLAMA_7B, "num_local_experts": 8})
+    assert moe - 6_738_415_616 == 32 * (7 * 3 * 4096 * 11008 + 8 * 4096)

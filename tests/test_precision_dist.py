@@ -15,7 +15,7 @@ Tolerances, and why:
   12.5% relative) per element, averaged down over the batch -- so the final parameters may
   differ by at most 12.5% of the total update, ``max|θ_2 - θ_1| <= 0.125 * max|θ_1 - θ_0|``
   (measured: 0.9%). The sharp check beside it: one process fed the same two half-batches
-  (``accumulate(2)``) computes the same scales, and the 2-rank run matches it to 1e-5 -- so the
+  (``microbatches(2)``) computes the same scales, and the 2-rank run matches it to 1e-5 -- so the
   uint8 all-gather of fp8 weights and the precomputed scales change nothing numerically.
 
 Collectives are logged by wrapping ``torch.distributed.all_gather_single`` (what FSDP2 calls in
@@ -44,7 +44,7 @@ from torchdist.precision import (
     optimizer_state_bytes,
 )
 from torchdist.sharding import shard
-from torchdist.transforms import accumulate, compose, optimize, value_and_grad
+from torchdist.transforms import compose, microbatches, optimize, value_and_grad
 
 pytest.importorskip("torchao")
 
@@ -74,7 +74,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 def train(model, topo=None, make_opt=None, micro: int = 1):
     opt = make_opt(model) if make_opt else torch.optim.SGD(model.parameters(), lr=LR)
-    step = compose(optimize(opt), *([accumulate(micro)] if micro > 1 else []))(
+    step = compose(optimize(opt), *([microbatches(micro)] if micro > 1 else []))(
         value_and_grad(loss_fn)
     )
     state, losses = td.TrainState(model=model, optimizer=opt), []
@@ -140,10 +140,12 @@ def test_tensorwise_fp8_under_shard_matches_one_process_and_gathers_bytes(gather
         assert scale is not None, name
         amax = params[f"{name}.weight"].abs().max()
         torch.testing.assert_close(scale, (e4m3_max / amax.double()).float(), rtol=1e-6, atol=0)
-    # 7 fp8 units x (forward + backward re-gather) x 3 steps, each 1 byte per weight element.
+    # 8 fp8 units (every block Linear) x (forward + backward re-gather) x 3 steps, each 1 byte
+    # per weight element.
     fp8_numels = {MODEL0.get_submodule(n).weight.numel() // 2 for n in scales}
     byte_gathers = [numel for dtype, numel in log if dtype == torch.uint8]
-    assert set(byte_gathers) == fp8_numels and len(byte_gathers) == 7 * 2 * STEPS
+    assert len(scales) == 8 and set(byte_gathers) == fp8_numels
+    assert len(byte_gathers) == len(scales) * 2 * STEPS
     assert not [d for d, _ in log if d in (torch.float8_e4m3fn, torch.float8_e5m2)]
 
 

@@ -81,3 +81,45 @@ def test_metrics_logger_without_tensorboard(tmp_path, monkeypatch):
     default.log(0, {"loss": torch.tensor(1.0)})
     default.close()
     assert sorted(p.name for p in (tmp_path / "default").iterdir()) == ["metrics.jsonl"]
+
+
+class _Terminal:
+    """A stream that says it is a terminal, and keeps what was written."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_is_a_bar_in_a_terminal_and_plain_lines_in_logs_and_under_torchrun():
+    pytest.importorskip("tqdm", reason="tqdm is not installed")
+    single = td.Topology.single()
+    under_torchrun = td.Topology(world_size=1, agent_store=True)
+    cases = ((single, True, True), (single, False, False), (under_torchrun, True, False))
+    for topo, tty, bar in cases:
+        out = _Terminal(tty)
+        shown = td.progress(range(4), topo, every=2, file=out)
+        assert (shown._bar is not None) == bar
+        list(shown)
+        if bar:
+            assert "\r" in out.text and "4/4" in out.text
+        else:
+            assert out.text.splitlines()[0].startswith("train 2/4  ") and "\r" not in out.text
+
+
+def test_progress_step_numbers_continue_after_a_resume():
+    out = _Terminal(False)
+    resumed_at = 6
+    for _ in td.progress(range(resumed_at, 10), td.Topology.single(), initial=resumed_at,
+                         every=2, file=out):  # fmt: skip
+        pass
+    assert [line.split()[1] for line in out.text.splitlines()] == ["8/10", "10/10"]

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from _sharding_models import PLAN, Model
 
 import torchdist as td
+from torchdist.transforms._accumulate import split_batch
 from torchdist.sharding import MixedPrecision, materialize, parallelize, replicate, shard
 from torchdist.transforms import (
     accumulate,
@@ -155,16 +156,20 @@ def train(model, topo, config: str, batches=BATCHES):
     if config == "accumulate_clip":
         inner = [clip_grads(MAX_NORM), sync_grads(topo), accumulate(2)]
     step = compose(optimize(opt), *inner)(value_and_grad(loss_fn))
-    state = td.TrainState(model=model, optimizer=opt)
+    state = step.init(td.TrainState(model=model, optimizer=opt))
+    k = 2 if config == "accumulate_clip" else 1  # accumulate(2): each batch as two calls
     norms, losses = [], []
     for x, y in batches:
         local = td.split_between_ranks({"x": x, "y": y}, topo, axis="dp")
-        state, metrics = step(state, (local["x"], local["y"]))
-        losses.append(metrics["loss"].item())
+        micro_losses = []
+        for micro in split_batch((local["x"], local["y"]), k):
+            state, metrics = step(state, micro)
+            micro_losses.append(metrics["loss"])
+        losses.append(torch.stack(micro_losses).mean().item())
         if "grad_norm" in metrics:
             norms.append(metrics["grad_norm"].detach().clone())
-    assert state.step == len(batches)
-    return full_params(model), norms, losses, step.info["sync_grads"]
+    assert state.step == len(batches) * k
+    return full_params(model), norms, losses, step.report(state)["sync_grads"]
 
 
 # --------------------------------------------------------------------------- parity
@@ -244,22 +249,19 @@ def test_accumulate_turns_off_fsdp_gradient_communication(case, comm_log):
         for n in (1, 4):
             model = shard(copy.deepcopy(MODEL0), topo)
             opt = torch.optim.SGD(model.parameters(), lr=LR)
-            per_micro, base = [], value_and_grad(loss_fn)
-
-            def recording(state, batch, base=base, per_micro=per_micro):  # a plain step function
-                before = len(comm_log[me])
-                result = base(state, batch)
-                per_micro.append(comm_log[me][before:])
-                return result
-
-            step = compose(optimize(opt), sync_grads(topo), accumulate(n))(recording)
-            state, per_step = td.TrainState(model=model, optimizer=opt), []
+            step = compose(optimize(opt), sync_grads(topo), accumulate(n))(
+                value_and_grad(loss_fn)
+            )
+            state, per_step, per_micro = step.init(td.TrainState(model, opt)), [], []
             for x, y in BATCHES:
                 before = len(comm_log[me])
                 local = td.split_between_ranks({"x": x, "y": y}, topo, axis="dp")
-                state, _ = step(state, (local["x"], local["y"]))
+                for micro in split_batch((local["x"], local["y"]), n):  # one call per micro
+                    call_before = len(comm_log[me])
+                    state, _ = step(state, micro)
+                    per_micro.append(comm_log[me][call_before:])
                 per_step.append(comm_log[me][before:])
-            out[n] = per_step, per_micro, full_params(model), step.info["sync_grads"]
+            out[n] = per_step, per_micro, full_params(model), step.report(state)["sync_grads"]
         return out
 
     results = td.in_process(rank, world, **axes)
@@ -297,20 +299,17 @@ def test_accumulate_turns_off_ddp_sync_on_replicate():
         for n in (1, 4):
             model = replicate(copy.deepcopy(MODEL0), topo)
             opt = torch.optim.SGD(model.parameters(), lr=LR)
-            per_micro, base = [], value_and_grad(loss_fn)
-
-            def recording(state, batch, base=base, per_micro=per_micro):
-                before = _seq(group)
-                result = base(state, batch)
-                per_micro.append(_seq(group) - before)
-                return result
-
-            step = compose(optimize(opt), sync_grads(topo), accumulate(n))(recording)
-            state, per_step = td.TrainState(model=model, optimizer=opt), []
+            step = compose(optimize(opt), sync_grads(topo), accumulate(n))(
+                value_and_grad(loss_fn)
+            )
+            state, per_step, per_micro = td.TrainState(model=model, optimizer=opt), [], []
             for x, y in BATCHES * 2:
                 before = _seq(group)
                 local = td.split_between_ranks({"x": x, "y": y}, topo, axis="dp")
-                state, _ = step(state, (local["x"], local["y"]))
+                for micro in split_batch((local["x"], local["y"]), n):  # one call per micro
+                    call_before = _seq(group)
+                    state, _ = step(state, micro)
+                    per_micro.append(_seq(group) - call_before)
                 per_step.append(_seq(group) - before)
             out[n] = per_step, per_micro, full_params(model)
         return out

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import torchdist as td
+from torchdist.transforms._accumulate import split_batch
 from torchdist.sharding import parallelize
 from torchdist.transforms import (
     accumulate,
@@ -58,16 +59,17 @@ def _train(topo, model0, data, tp: bool, micro: int):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     inner = [accumulate(micro)] if micro > 1 else []
     step = compose(optimize(opt), clip_grads(0.5), sync_grads(topo), *inner)(value_and_grad(_loss))
-    state, norms = td.TrainState(model, opt), []
+    state, norms = step.init(td.TrainState(model, opt)), []
     for x, y in data:
         mine = td.split_between_ranks({"x": x, "y": y}, topo, axis="dp")
-        state, metrics = step(state, (mine["x"], mine["y"]))
+        for part in split_batch((mine["x"], mine["y"]), micro):  # accumulate: one call each
+            state, metrics = step(state, part)
         norms.append(metrics["grad_norm"].item())
     weights = {
         n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
         for n, p in model.named_parameters()
     }
-    return weights, norms, step.info["sync_grads"]
+    return weights, norms, step.report(state)["sync_grads"]
 
 
 @pytest.mark.parametrize("micro", [1, 2])

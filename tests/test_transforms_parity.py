@@ -37,6 +37,7 @@ from torchdist.transforms import (
     sync_grads,
     value_and_grad,
 )
+from torchdist.transforms._accumulate import split_batch
 
 STEPS = 5
 GLOBAL_BATCH = 32
@@ -75,16 +76,19 @@ def transforms_for(config: str, topo) -> list:
 
 
 def train(model, batches, topo, config):
-    """Train ``model`` in place with the composed step; return (step fn, per-step metrics)."""
+    """Train ``model`` in place with the composed step; return (step fn, per-update metrics,
+    the final state). With accumulation each batch is fed as 2 calls (one micro-batch each)."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     step = compose(optimize(opt), *transforms_for(config, topo))(value_and_grad(loss_fn))
-    state = td.TrainState(model=model, optimizer=opt)
+    state = step.init(td.TrainState(model=model, optimizer=opt))
+    k = 1 if config == "plain" else 2
     history = []
     for batch in batches:
-        state, metrics = step(state, batch)
-        history.append(metrics)
-    assert state.step == len(batches)
-    return step, history
+        for micro in split_batch(batch, k):
+            state, metrics = step(state, micro)
+        history.append(metrics)  # the window's last call: it reports the update
+    assert state.step == len(batches) * k
+    return step, history, state
 
 
 def train_by_hand(model, batches, config):
@@ -129,10 +133,10 @@ def global_grads(model0, batch):
 def test_single_process_path_equals_plain_torch(config):
     model0, batches = make_mlp(), make_batches()
     ours, hand = copy.deepcopy(model0), copy.deepcopy(model0)
-    step, history = train(ours, batches, td.Topology.single(), config)
+    step, history, state = train(ours, batches, td.Topology.single(), config)
     norms = train_by_hand(hand, batches, config)
 
-    assert "one rank" in step.info["sync_grads"]["steps_aside"]
+    assert "one rank" in step.report(state)["sync_grads"]["steps_aside"]
     assert max_diff(params_of(ours), params_of(hand)) <= ATOL
     assert max_diff(params_of(ours), params_of(model0)) > 1e-3  # it trained
     if config == "accumulate_clip":
@@ -148,13 +152,13 @@ def test_sync_grads_training_matches_single_process(world, config):
 
     def rank(topo):
         model = copy.deepcopy(model0)
-        step, history = train(model, [shard(b, topo) for b in batches], topo, config)
-        return params_of(model), history, step.info["sync_grads"]
+        step, history, state = train(model, [shard(b, topo) for b in batches], topo, config)
+        return params_of(model), history, step.report(state)["sync_grads"]
 
     results = td.in_process(rank, world)
 
     reference = copy.deepcopy(model0)
-    _, ref_history = train(reference, batches, td.Topology.single(), config)
+    _, ref_history, _ = train(reference, batches, td.Topology.single(), config)
     for r, (params, history, info) in enumerate(results):
         diff = max_diff(params, params_of(reference))
         assert diff <= ATOL, f"rank {r} drifted {diff:.2e} from single-process training"
@@ -212,42 +216,34 @@ def _seq(group) -> int:
 
 
 @pytest.mark.parametrize("bucket_mb", [25.0, 0.001])
-def test_accumulate_syncs_only_on_the_last_micro_batch(bucket_mb, all_reduce_log):
+def test_accumulate_syncs_only_on_the_last_call_of_a_window(bucket_mb, all_reduce_log):
     model0, batches = make_mlp(), make_batches(steps=2)
     n_params = sum(p.numel() for p in model0.parameters())
 
     def rank(topo):
         group = topo.submesh("dp").get_group()
         me = threading.current_thread().name
-        per_micro: list[tuple[tuple[int, int], int]] = []
-        inner = value_and_grad(loss_fn)
-
-        def recording_base(state, batch):  # a plain step function: counts its own collectives
-            before = _seq(group)
-            out = inner(state, batch)
-            per_micro.append((state.context.micro_step, _seq(group) - before))
-            return out
-
         out = {}
         for n in (1, 4):
             model = copy.deepcopy(model0)
             opt = torch.optim.SGD(model.parameters(), lr=LR)
             step = compose(optimize(opt), sync_grads(topo, bucket_mb=bucket_mb), accumulate(n))(
-                recording_base
+                value_and_grad(loss_fn)
             )
-            state = td.TrainState(model=model, optimizer=opt)
-            per_micro.clear()
-            per_step, logged = [], []
+            state = step.init(td.TrainState(model=model, optimizer=opt))
+            per_call, logged, updates = [], [], []
             for batch in batches:
-                before, logged_before = _seq(group), len(all_reduce_log[me])
-                state, _ = step(state, shard(batch, topo))
-                per_step.append(_seq(group) - before)
-                logged.append(all_reduce_log[me][logged_before:])
+                for micro in split_batch(shard(batch, topo), n):  # one loader batch per call
+                    before, logged_before = _seq(group), len(all_reduce_log[me])
+                    state, metrics = step(state, micro)
+                    per_call.append(_seq(group) - before)
+                    logged.append(all_reduce_log[me][logged_before:])
+                    updates.append(bool(metrics.get("update", True)))
             out[n] = dict(
-                per_step=per_step,
-                per_micro=list(per_micro),
-                logged=logged,
-                buckets=step.info["sync_grads"]["buckets"],
+                per_call=per_call,
+                logged=[entry for entry in logged if entry],
+                updates=updates,
+                buckets=step.report(state)["sync_grads"]["buckets"],
                 params=params_of(model),
             )
         return out
@@ -261,13 +257,13 @@ def test_accumulate_syncs_only_on_the_last_micro_batch(bucket_mb, all_reduce_log
             assert buckets >= 3, "a tiny bucket_mb should split this MLP into several buckets"
         else:
             assert buckets == 1
-        # One all-reduce per bucket per optimizer step, with or without accumulation.
-        assert one["per_step"] == four["per_step"] == [buckets] * len(batches)
-        # None on micro-batches 0..2; the last micro-batch's backward launches every bucket.
-        micro = four["per_micro"]
-        assert [m for m, _ in micro] == [(i, 4) for i in range(4)] * len(batches)
-        assert [c for _, c in micro] == [0, 0, 0, buckets] * len(batches)
+        # One all-reduce per bucket per optimizer step, with or without accumulation: none on
+        # calls 0..2 of a window, every bucket on the last call's backward.
+        assert one["per_call"] == [buckets] * len(batches)
+        assert four["per_call"] == [0, 0, 0, buckets] * len(batches)
+        assert four["updates"] == [False, False, False, True] * len(batches)
         # The collectives are fp32 gradient buckets covering every parameter exactly once.
+        assert len(one["logged"]) == len(four["logged"]) == len(batches)
         for logged in one["logged"] + four["logged"]:
             assert len(logged) == buckets
             assert {dtype for dtype, _ in logged} == {torch.float32}
@@ -289,7 +285,7 @@ def test_sync_grads_steps_aside_on_ddp_and_averages_once(all_reduce_log):
         ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(model0), process_group=group)
         step = sync_grads(topo)(value_and_grad(loss_fn))
         logged_before = len(all_reduce_log[me])
-        step(td.TrainState(model=ddp), shard(batches[0], topo))
+        state, _ = step(td.TrainState(model=ddp), shard(batches[0], topo))
         ours_logged = len(all_reduce_log[me]) - logged_before
         grads = grads_of(ddp.module)
 
@@ -299,8 +295,11 @@ def test_sync_grads_steps_aside_on_ddp_and_averages_once(all_reduce_log):
         # accumulate on a DDP model turns DDP's own sync off on micro-steps (no_sync).
         acc_model = nn.parallel.DistributedDataParallel(copy.deepcopy(model0), process_group=group)
         acc = compose(sync_grads(topo), accumulate(2))(value_and_grad(loss_fn))
-        acc(td.TrainState(model=acc_model), shard(batches[1], topo))
-        return grads, grads_of(alone.module), step.info, ours_logged, grads_of(acc_model.module)
+        acc_state = td.TrainState(model=acc_model)
+        for micro in split_batch(shard(batches[1], topo), 2):
+            acc_state, _ = acc(acc_state, micro)
+        report = step.report(state)
+        return grads, grads_of(alone.module), report, ours_logged, grads_of(acc_model.module)
 
     results = td.in_process(rank, 2, debug=DDP_DEBUG)
     expected = global_grads(model0, batches[0])
@@ -319,8 +318,9 @@ def test_sync_grads_steps_aside_on_a_single_rank():
     model0, (batch,) = make_mlp(), make_batches(steps=1)
     model = copy.deepcopy(model0)
     step = sync_grads(td.Topology.single())(value_and_grad(loss_fn))
-    step(td.TrainState(model=model), batch)
-    reason = step.info["sync_grads"]["steps_aside"]
+    state = step.init(td.TrainState(model=model))
+    reason = step.report(state)["sync_grads"]["steps_aside"]  # decided before the first call
+    step(state, batch)
     assert "one rank" in reason and "'dp'" in reason
     assert max_diff(grads_of(model), global_grads(model0, batch)) == 0.0
 
@@ -329,8 +329,9 @@ def test_sync_grads_steps_aside_on_a_single_rank():
         live = copy.deepcopy(model0)
         live_step = sync_grads(topo)(value_and_grad(loss_fn))
         before = _seq(group)
-        live_step(td.TrainState(model=live), batch)
-        return live_step.info["sync_grads"].get("steps_aside"), _seq(group) - before, grads_of(live)
+        state, _ = live_step(td.TrainState(model=live), batch)
+        reason = live_step.report(state)["sync_grads"].get("steps_aside")
+        return reason, _seq(group) - before, grads_of(live)
 
     ((live_reason, issued, grads),) = td.in_process(rank, 1)
     assert live_reason is not None and "one rank" in live_reason

@@ -32,6 +32,7 @@ from torchdist.errors import (
     CheckpointError,
     CollectiveError,
     CompositionError,
+    ConfigError,
     DistributedTimeoutError,
     RankError,
     ShardingError,
@@ -62,9 +63,12 @@ __all__ = [
     "pad_across_ranks",
     "gather_for_metrics",
     "to_device",
+    "distribution_of",
+    "Distribution",
     "shard_loader",
     "progress",
     "MetricsLogger",
+    "plot_metrics",
     "is_main",
     "main_first",
     "barrier",
@@ -73,6 +77,7 @@ __all__ = [
     "set_seed",
     "sync_rng",
     "TorchdistError",
+    "ConfigError",
     "TopologyError",
     "CompositionError",
     "CollectiveError",
@@ -93,11 +98,17 @@ _LAZY_SUBMODULES = (
     "marks",
     "memory",
     "blocks",
+    "inference",
 )
 
 
 # Public names whose modules import heavier parts of torch (DCP, dataloaders) on first use.
-_LAZY_NAMES = {"shard_loader": "torchdist.data"}
+_LAZY_NAMES = {
+    "shard_loader": "torchdist.data",
+    "plot_metrics": "torchdist._plot",
+    "distribution_of": "torchdist._distribution",
+    "Distribution": "torchdist._distribution",
+}
 
 
 def __getattr__(name: str) -> Any:

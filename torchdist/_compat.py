@@ -15,6 +15,8 @@ __all__ = [
     "flatten_mesh",
     "install_thread_world",
     "is_composable_ddp",
+    "composable_ddp_instance",
+    "fsdp_mesh",
     "dcp_metadata_path",
     "composable_replicate",
     "composable_checkpoint",
@@ -130,6 +132,38 @@ def is_composable_ddp(module) -> bool:
     from torch.distributed._composable.replicate import DDP
 
     return isinstance(module, DDP)
+
+
+def composable_ddp_instance(module):
+    """The ``DistributedDataParallel`` behind a module ``replicate`` was applied to, or None
+    (``replicate.state(module)._ddp_weakref``, private in 2.13)."""
+    from torch.distributed._composable import replicate
+
+    ref = getattr(replicate.state(module), "_ddp_weakref", None)
+    return ref() if ref is not None else None
+
+
+def fsdp_mesh(module):
+    """The data-parallel DeviceMesh of an ``FSDPModule`` (its param group's ``mesh_info``,
+    private in 2.13), or None when that unit manages no parameters directly."""
+    group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)
+    return group.mesh_info.mesh if group is not None else None
+
+
+def reset_inductor_thread_pool() -> bool:
+    """In a forked child: drop inductor's compile ``ThreadPoolExecutor`` inherited from the parent.
+
+    ``AsyncCompile.pool`` (private, ``lru_cache``d, 2.13) is not reset at fork, unlike its process
+    pool: the child inherits an executor whose worker threads do not exist in it, and the first
+    ``torch.compile`` there waits forever on a future nobody runs. Clearing the cache makes the
+    child build its own executor. Returns True when there was one to drop."""
+    async_compile = sys.modules.get("torch._inductor.async_compile")
+    if async_compile is None:
+        return False
+    pool = async_compile.AsyncCompile.pool
+    had_one = pool.cache_info().currsize > 0
+    pool.cache_clear()
+    return had_one
 
 
 def dcp_metadata_path(reader, rank):

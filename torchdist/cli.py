@@ -1,17 +1,22 @@
-"""The ``torchdist`` command: ``launch``, ``env``, ``estimate-memory``.
+"""The ``torchdist`` command: ``launch``, ``env``, ``estimate-memory``, ``plot``.
 
 ``torchdist launch`` is a thin front on ``torch.distributed.run`` (torchrun): elastic restarts and
 multi-node rendezvous come from it. It says what it chose, and passes ``--mesh`` to the script
 through ``TORCHDIST_MESH``, which ``Topology.from_env`` reads when the script names no axes. A
 script under it always sees the real world (``Topology.from_env`` reads torchrun's variables), so
 the Accelerate trap — a GPU-less launcher silently running N independent single-process
-trainings — cannot happen.
+trainings — cannot happen. It checks ``-n``, the script path and ``--mesh`` against the world
+before it starts any rank.
+
+Bad arguments anywhere print one line on stderr (``torchdist <command>: error: ...``) and exit
+with status 2, never a traceback.
 
 Example::
 
     torchdist launch -n 4 --mesh dp_shard=2,tp=2 train.py --steps 100
     torchdist env
     torchdist estimate-memory --params 7e9 --world 8
+    torchdist plot runs/exp1/metrics.jsonl
 """
 
 from __future__ import annotations
@@ -33,12 +38,35 @@ _EXTRAS = {
 }
 
 
+class UsageError(Exception):
+    """A bad command line: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line on stderr and exit status 2 (no usage block)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def launch_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str], str]:
-    """The torchrun command line, the environment it adds, and a sentence saying what it chose."""
+    """The torchrun command line, the environment it adds, and a sentence saying what it chose.
+
+    Raises ``UsageError`` (one line) for ``-n`` below 1, a script that is not a file, or a
+    ``--mesh`` that does not fit the world (``-n`` x ``--nnodes``), before anything starts.
+    """
     import torch
 
-    from torchdist.topology import parse_mesh
+    from torchdist.errors import TopologyError
+    from torchdist.topology import Topology, parse_mesh
 
+    if args.nproc is not None and args.nproc < 1:
+        raise UsageError(f"-n {args.nproc}: expected at least one process per node, e.g. -n 2")
+    if args.nnodes < 1:
+        raise UsageError(f"--nnodes {args.nnodes}: expected at least 1")
+    if not os.path.isfile(args.script):
+        where = "a directory" if os.path.isdir(args.script) else "no such file"
+        raise UsageError(f"script {args.script!r}: {where}; expected the path of a Python script")
     if args.nproc is not None:
         nproc, why = args.nproc, f"-n {args.nproc}"
     elif torch.cuda.is_available():
@@ -57,10 +85,13 @@ def launch_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str],
         cmd.append("--standalone")
     cmd += [f"--max-restarts={args.max_restarts}", args.script, *args.script_args]
     env = {}
-    if args.mesh:
-        parse_mesh(args.mesh)  # fail here, not in every rank
-        env["TORCHDIST_MESH"] = args.mesh
     world = nproc * args.nnodes
+    if args.mesh:
+        try:  # fail here, not in every rank
+            Topology(world_size=world, **parse_mesh(args.mesh))
+        except TopologyError as exc:
+            raise UsageError(f"--mesh {args.mesh} on world {world} ({why}): {exc}") from None
+        env["TORCHDIST_MESH"] = args.mesh
     said = (
         f"torchdist launch: {nproc} process(es) per node x {args.nnodes} node(s) = world {world} "
         f"({why})" + (f", mesh {args.mesh}" if args.mesh else "")
@@ -111,46 +142,122 @@ def _env(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from torchdist.memory import format_table, params_from_config
+    from torchdist.memory import format_table, load_config, params_from_model
     from torchdist.topology import Topology, parse_mesh
 
-    if (args.params is None) == (args.config is None):
-        print("estimate-memory: give exactly one of --params N or --config FILE", file=sys.stderr)
-        return 2
-    params = args.params if args.params is not None else params_from_config(args.config)
+    if (args.params is None) == (args.model is None):
+        raise UsageError("give exactly one of --params N or --model CONFIG_OR_DIR")
+    if (args.seq is None) != (args.batch is None):
+        raise UsageError("activations need both --seq and --batch (per data-parallel rank)")
+    config, how = None, "as given"
+    if args.model is not None:
+        config = load_config(args.model)
+        params, how = params_from_model(args.model)
+    else:
+        params = args.params
+    if args.seq is not None and config is None:
+        raise UsageError("activations need the model's shapes: use --model instead of --params")
     topo = Topology(world_size=args.world, **parse_mesh(args.mesh or ""))
-    print(format_table(params, topo))
+    optimizers = (args.optimizer,) if args.optimizer else None
+    print(f"parameters: {params:,.0f} ({how})")
+    print(format_table(params, topo, optimizers=optimizers, dtype=args.dtype, config=config,
+                       seq=args.seq, batch=args.batch))  # fmt: skip
+    from torchdist.memory import inference_table
+
+    print(inference_table(params, config=config))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from torchdist._plot import plot_metrics
+
+    if not os.path.isfile(args.jsonl):
+        raise UsageError(f"{args.jsonl!r}: no such file; expected MetricsLogger's metrics.jsonl")
+    out = args.out or os.path.join(os.path.dirname(args.jsonl) or ".", "loss.png")
+    keys = [k for k in args.keys.split(",") if k] if args.keys else None
+    drawn = plot_metrics(args.jsonl, out, keys=keys, smoothing=args.smoothing, log_y=args.log_y)
+    print(f"{out}: {', '.join(drawn)}")
     return 0
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="torchdist", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    launch = sub.add_parser("launch", help="run a script on N ranks (torchrun underneath)")
-    launch.add_argument("-n", "--nproc", type=int, default=None, help="processes per node")
-    launch.add_argument("--nnodes", type=int, default=1)
-    launch.add_argument("--node-rank", type=int, default=0)
-    launch.add_argument("--master-addr", default="")
-    launch.add_argument("--master-port", type=int, default=29500)
-    launch.add_argument("--max-restarts", type=int, default=0)
-    launch.add_argument("--mesh", default="", help="mesh axes, e.g. dp_shard=2,tp=2")
-    launch.add_argument("script")
-    launch.add_argument("script_args", nargs=argparse.REMAINDER)
+    from torchdist.memory import DTYPES, OPTIMIZERS
+
+    parser = _Parser(prog="torchdist", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"torchdist {_version('torchdist')}",
+                        help="print the installed torchdist version and exit")  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="one of the commands below; COMMAND --help for its options")
+    launch = sub.add_parser("launch", help="run a script on N ranks (torchrun underneath)",
+                            description="Run SCRIPT on N ranks through torchrun.")  # fmt: skip
+    launch.add_argument("-n", "--nproc", type=int, default=None,
+                        help="processes per node (default: one per GPU, or 1 on a CPU machine)")
+    launch.add_argument("--nnodes", type=int, default=1, help="number of hosts (default 1)")
+    launch.add_argument("--node-rank", type=int, default=0, help="this host's index (0-based)")
+    launch.add_argument("--master-addr", default="",
+                        help="address of the host with --node-rank 0 (multi-node)")
+    launch.add_argument("--master-port", type=int, default=29500,
+                        help="rendezvous port on the master host (default 29500)")
+    launch.add_argument("--max-restarts", type=int, default=0,
+                        help="restart the whole job this many times after a rank fails")
+    launch.add_argument("--mesh", default="",
+                        help="mesh axes for Topology.from_env, e.g. dp_shard=2,tp=2 (checked "
+                        "against the world before starting)")
+    launch.add_argument("script", help="the Python script every rank runs")
+    launch.add_argument("script_args", nargs=argparse.REMAINDER,
+                        help="arguments passed to the script unchanged")
     launch.set_defaults(run=_launch)
-    env = sub.add_parser("env", help="versions, devices and backends, for bug reports")
+    env = sub.add_parser("env", help="versions, devices and backends, for bug reports",
+                         description="Print versions, devices, backends and extras.")
     env.set_defaults(run=_env)
-    est = sub.add_parser("estimate-memory", help="per-rank model-state bytes per strategy")
+    est = sub.add_parser("estimate-memory", help="per-rank memory per strategy (no download)",
+                         description="Per-rank memory of model state (and optionally "
+                         "activations) for each strategy; the assumptions are printed with it.")
     est.add_argument("--params", type=float, default=None, help="parameter count, e.g. 7e9")
-    est.add_argument("--config", default=None, help="a Hugging Face style config.json")
-    est.add_argument("--world", type=int, default=1)
+    est.add_argument("--model", "--config", dest="model", default=None,
+                     help="a local Hugging Face config.json or model directory (exact count "
+                     "from its safetensors headers when present); nothing is downloaded")
+    est.add_argument("--world", type=int, default=1, help="number of ranks (default 1)")
     est.add_argument("--mesh", default="", help="e.g. dp_shard=4,tp=2 (default: dp_shard fills)")
+    est.add_argument("--dtype", choices=tuple(DTYPES), default="bf16",
+                     help="compute dtype: bf16/fp16 = mixed precision with fp32 master weights "
+                     "(default bf16); fp32 = none")
+    est.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=None,
+                     help="one optimizer (default: a row for each)")
+    est.add_argument("--seq", type=int, default=None,
+                     help="sequence length, to estimate activations (needs --model, --batch)")
+    est.add_argument("--batch", type=int, default=None,
+                     help="micro-batch per data-parallel rank, to estimate activations")
     est.set_defaults(run=_estimate)
+    plot = sub.add_parser("plot", help="draw metrics.jsonl (MetricsLogger) as PNG curves",
+                          description="Curves of a MetricsLogger run, the whole run across "
+                          "resumes (needs matplotlib).")
+    plot.add_argument("jsonl", help="the metrics.jsonl a MetricsLogger wrote")
+    plot.add_argument("-o", "--out", default="", help="PNG to write (default: loss.png beside it)")
+    plot.add_argument("--keys", default="",
+                      help="comma-separated metrics to draw (default: all), e.g. loss,grad_norm")
+    plot.add_argument("--smoothing", type=float, default=0.6,
+                      help="TensorBoard-style EMA weight in [0, 1); 0 draws raw values only")
+    plot.add_argument("--log-y", action="store_true", help="logarithmic y axis")
+    plot.set_defaults(run=_plot)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    return args.run(args)
+    """The ``torchdist`` command. Bad arguments: one line on stderr, exit status 2."""
+    from torchdist.errors import TorchdistError
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    prog = f"torchdist {args.command}"
+    try:
+        return args.run(args)
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+    except (TorchdistError, ImportError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines() or [type(exc).__name__]
+        print(f"{prog}: error: {' '.join(first)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

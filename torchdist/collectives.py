@@ -15,9 +15,7 @@ Example::
 
     with td.distributed(td.Topology.from_env()) as topo:
         metrics = td.all_reduce({"loss": loss, "acc": acc}, topo, op="mean", axis="dp")
-        preds = td.gather_for_metrics(
-            logits.argmax(-1), topo, dataset_len=len(val_set), samples_seen=n
-        )
+        preds = td.gather_for_metrics(logits.argmax(-1), topo, loader=val_loader)
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from typing import Any, Literal
 import optree
 import torch
 
-from torchdist import _packing
+from torchdist import _agree, _packing
 from torchdist.errors import CollectiveError, TopologyError
 from torchdist.topology import Topology
 
@@ -94,6 +92,22 @@ def _size_rank(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
+def _spec(leaf: torch.Tensor, skip: int | None = None) -> str | tuple[str, str]:
+    """What must agree across ranks about ``leaf`` (dim ``skip`` may differ), and what to show."""
+    dtype = str(leaf.dtype).removeprefix("torch.")
+    shown = f"{dtype}{tuple(leaf.shape)}"
+    if skip is None:
+        return shown
+    return f"{dtype}{tuple('*' if i == skip else n for i, n in enumerate(leaf.shape))}", shown
+
+
+def _agree_or_raise(tree, describe, group, what: str, check, *, syncs_anyway: bool) -> None:
+    if _agree.should_check(check, group, syncs_anyway=syncs_anyway):
+        leaves = optree.tree_leaves(tree, none_is_leaf=False)
+        device = next((x.device for x in leaves if isinstance(x, torch.Tensor)), "cpu")
+        _agree.check_agree(*_agree.describe_leaves(tree, describe), group, what, device)
+
+
 def _tensor_leaves(tree: Any, what: str) -> tuple[list[torch.Tensor], Any]:
     paths, leaves, treedef = optree.tree_flatten_with_path(tree, none_is_leaf=False)
     for path, leaf in zip(paths, leaves):
@@ -113,11 +127,15 @@ def all_reduce(
     *,
     op: Literal["sum", "mean", "max", "min"] = "sum",
     axis: Axis = None,
+    check: bool | None = None,
 ) -> Any:
     """Reduce every tensor of ``tree`` across the ranks of ``over``/``axis``; return new tensors.
 
     Communicates: one ``all_reduce`` per dtype present (leaves are packed into one buffer);
-    ``"mean"`` is a sum divided by the group size, since gloo has no AVG.
+    ``"mean"`` is a sum divided by the group size, since gloo has no AVG. ``check`` (default: on
+    for gloo, and always under ``TORCH_DISTRIBUTED_DEBUG=DETAIL``) first all-gathers a 16-byte
+    fingerprint of keys, dtypes and shapes, so ranks passing different trees get a
+    ``CollectiveError`` naming the leaf instead of mixed values.
 
     Example::
 
@@ -147,13 +165,14 @@ def all_reduce(
     size, _ = _size_rank(group)
     if group is None:
         return optree.tree_unflatten(treedef, [leaf.clone() for leaf in leaves])
+    _agree_or_raise(tree, _spec, group, "all_reduce", check, syncs_anyway=False)
     reduced = _packing.coalesced(leaves, lambda flat: dist.all_reduce(flat, ops[op], group=group))
     if op == "mean":
         reduced = [t.div_(size) for t in reduced]
     return optree.tree_unflatten(treedef, reduced)
 
 
-def gather(tree: Any, over: Over, *, axis: Axis = None) -> Any:
+def gather(tree: Any, over: Over, *, axis: Axis = None, check: bool | None = None) -> Any:
     """Concatenate every tensor of ``tree`` along dim 0 across ranks, in group-rank order.
 
     Tensors may differ in their first dimension between ranks (each rank's rows are kept, no
@@ -175,6 +194,10 @@ def gather(tree: Any, over: Over, *, axis: Axis = None) -> Any:
     if group is None:
         return optree.tree_unflatten(treedef, [leaf.clone() for leaf in leaves])
     size, _ = _size_rank(group)
+    _agree_or_raise(
+        tree, lambda x: _spec(x.reshape(1) if x.dim() == 0 else x, skip=0), group, "gather",
+        check, syncs_anyway=True,
+    )  # fmt: skip
     meta = _packing.all_gather_metadata(leaves, group)
     out = []
     for index, leaf in enumerate(leaves):
@@ -219,7 +242,9 @@ def gather_object(obj: Any, over: Over, *, axis: Axis = None) -> list[Any]:
     return gathered
 
 
-def broadcast(tree: Any, over: Over, *, src: int = 0, axis: Axis = None) -> Any:
+def broadcast(
+    tree: Any, over: Over, *, src: int = 0, axis: Axis = None, check: bool | None = None
+) -> Any:
     """Group rank ``src``'s ``tree`` on every rank; tensors and other leaves alike.
 
     Other ranks pass a tree of the same structure; their leaves' values, shapes and dtypes are
@@ -240,6 +265,10 @@ def broadcast(tree: Any, over: Over, *, src: int = 0, axis: Axis = None) -> Any:
         return optree.tree_unflatten(
             treedef, [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
         )
+    _agree_or_raise(
+        tree, lambda x: "tensor" if isinstance(x, torch.Tensor) else "object", group,
+        "broadcast", check, syncs_anyway=True,
+    )  # fmt: skip
     is_tensor = [isinstance(x, torch.Tensor) for x in leaves]
     tensors = [x for x, t in zip(leaves, is_tensor) if t]
     meta = _packing.metadata(tensors)
@@ -278,23 +307,43 @@ def pad_across_ranks(
     value: float = 0,
     pad_first: bool = False,
     axis: Axis = None,
+    check: bool | None = None,
 ) -> Any:
     """Pad every tensor along ``dim`` to the longest rank's length, with ``value``.
 
-    Communicates: one ``all_gather`` of shape metadata.
+    Communicates: one ``all_gather`` of shape metadata (after the fingerprint check, see
+    ``all_reduce``: tensors whose number of dims or other dims differ across ranks, or a ``dim``
+    out of range, are a ``CollectiveError``).
 
     Example::
 
         >>> td.pad_across_ranks(torch.ones(rank + 1), topo)   # every rank: length N
     """
     leaves, treedef = _tensor_leaves(tree, "pad_across_ranks")
+
+    def valid(leaf: torch.Tensor) -> bool:
+        return -leaf.dim() <= dim < leaf.dim()
+
+    def spec(leaf: torch.Tensor) -> str:
+        return _spec(leaf, dim % leaf.dim()) if valid(leaf) else f"{_spec(leaf)} (no dim {dim})"
+
     group = resolve_group(over, axis)
+    if group is not None:  # agree first, so a bad dim on one rank fails every rank, not a hang
+        _agree_or_raise(tree, spec, group, "pad_across_ranks", check, syncs_anyway=True)
+    paths = optree.tree_paths(tree, none_is_leaf=False)
+    for path, leaf in zip(paths, leaves):
+        if not valid(leaf):
+            raise CollectiveError(
+                f"pad_across_ranks(dim={dim}): the leaf at {'/'.join(map(str, path)) or '<root>'} "
+                f"has shape {tuple(leaf.shape)}, which has no dim {dim} (valid: "
+                f"{-leaf.dim()}..{leaf.dim() - 1}). Pass a dim every leaf has."
+            )
     if group is None:
         return optree.tree_unflatten(treedef, [leaf.clone() for leaf in leaves])
     meta = _packing.all_gather_metadata(leaves, group)
     out = []
     for index, leaf in enumerate(leaves):
-        d = dim % max(leaf.dim(), 1)
+        d = dim % leaf.dim()
         longest = int(meta[:, index, 2 + d].max())
         missing = longest - leaf.shape[d]
         if missing == 0:
@@ -313,7 +362,9 @@ def gather_for_metrics(
     *,
     dataset_len: int | None = None,
     samples_seen: int = 0,
+    loader: Any = None,
     axis: Axis = "dp",
+    check: bool | None = None,
 ) -> Any:
     """``gather`` over the data-parallel ranks, minus the samples that even batches repeated.
 
@@ -321,25 +372,28 @@ def gather_for_metrics(
     end. Given the ``dataset_len`` and how many samples of this epoch were gathered before this
     batch (``samples_seen``), the rows past ``dataset_len`` are dropped, so every sample is
     counted exactly once. Over a ``Topology`` the default axis is ``"dp"``: ranks that differ
-    only in ``tp``/``cp``/``pp`` hold the same samples and are not gathered twice.
+    only in ``tp``/``cp``/``pp`` hold the same samples and are not gathered twice. With
+    ``loader=`` (any ``td.data.shard_loader``) the rows kept are the real samples of the global
+    batch it yielded last (``loader.batch_real``): no bookkeeping needed.
 
     Communicates: as ``gather``.
 
     Example::
 
-        seen = 0
         for x, y in loader:
-            preds = td.gather_for_metrics(
-                model(x).argmax(-1), topo, dataset_len=len(ds), samples_seen=seen
-            )
-            seen += len(preds)
+            preds = td.gather_for_metrics(model(x).argmax(-1), topo, loader=loader)
     """
     if not isinstance(over, Topology):
         axis = None if axis == "dp" else axis
-    gathered = gather(tree, over, axis=axis)
-    if dataset_len is None:
+    if loader is not None and dataset_len is not None:
+        raise CollectiveError("gather_for_metrics: pass loader= or dataset_len=, not both.")
+    gathered = gather(tree, over, axis=axis, check=check)
+    if loader is not None:
+        keep = int(loader.batch_real)
+    elif dataset_len is None:
         return gathered
-    keep = max(dataset_len - samples_seen, 0)
+    else:
+        keep = max(dataset_len - samples_seen, 0)
     leaves, treedef = optree.tree_flatten(gathered)
     lengths = {leaf.shape[0] for leaf in leaves}
     if len(lengths) > 1:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
-from torchdist.collectives import Axis, broadcast, resolve_group
+from torchdist._rng import set_seed, sync_rng
+from torchdist.collectives import Axis, resolve_group
 from torchdist.errors import TopologyError
 from torchdist.topology import Topology
 
@@ -123,58 +123,3 @@ def _split(seq: Any, index: int, count: int, pad: bool) -> Any:
     if isinstance(seq, torch.Tensor):
         return torch.cat([part, last.expand(missing, *last.shape[1:])])
     return part + last * missing
-
-
-def set_seed(seed: int, topo: Topology | None = None, *, per_rank: bool = False) -> int:
-    """Seed Python's ``random``, NumPy (when installed) and torch (CPU and every CUDA device).
-
-    ``per_rank=True`` seeds rank ``r`` with ``seed + r`` (distinct dropout masks, distinct data
-    augmentation); otherwise every rank gets ``seed``. Returns the seed used on this rank.
-    Communicates nothing.
-    """
-    if per_rank:
-        if topo is None:
-            raise TopologyError("set_seed(per_rank=True) needs the topology to know the rank.")
-        seed += topo.rank
-    random.seed(seed)
-    try:
-        import numpy
-    except ImportError:
-        pass
-    else:
-        numpy.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return seed
-
-
-def sync_rng(
-    topo: Topology, *, src: int = 0, generator: torch.Generator | None = None, axis: Axis = None
-) -> None:
-    """Copy rank ``src``'s random state to every rank of ``topo`` (or of its ``axis`` groups).
-
-    Synchronises torch's CPU generator, the CUDA generator of ``topo.device`` when it is a GPU,
-    Python's ``random``, NumPy's global generator when installed, and ``generator`` if given
-    (e.g. a sampler's). Communicates: one ``broadcast`` (tensor states packed, objects pickled).
-    """
-    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if topo.device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(topo.device)
-    if generator is not None:
-        states["generator"] = generator.get_state()
-    try:
-        import numpy
-    except ImportError:
-        numpy = None
-    else:
-        states["numpy"] = numpy.random.get_state()
-    states = broadcast(states, topo, src=src, axis=axis)
-    # set_*_state need tensors that own their storage from offset 0
-    states = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in states.items()}
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"], topo.device)
-    if generator is not None:
-        generator.set_state(states["generator"])
-    if numpy is not None:
-        numpy.random.set_state(states["numpy"])

@@ -1,4 +1,4 @@
-"""`shard_loader`: a sharded, seeded, resumable loader over a map-style dataset.
+"""`shard_loader`: a sharded, seeded, resumable loader (map-style here; streams: docs/data.md).
 
 Every data-parallel rank gets its own part of every *global* batch; ranks that differ only in
 their ``tp``/``cp``/``pp`` coordinates share a ``dp`` index and get identical batches. The loader
@@ -14,12 +14,12 @@ is plain arithmetic over ``(seed, epoch, cursor)``, so it communicates nothing:
 * **The last, partial global batch.** ``drop_last=True`` drops it. Otherwise, with
   ``even_batches=True`` (default) it is padded to ``G`` by repeating the epoch's first samples
   (cyclically if the dataset is smaller than ``G``), at the *tail* of the global batch, so
-  ``gather_for_metrics(x, topo, dataset_len=len(ds), samples_seen=loader.batch_start)`` drops
-  exactly the repeats. With ``even_batches=False`` the remaining samples are split contiguously
-  by the same slicing rule: later ranks get fewer samples, possibly none. A rank with none yields
-  no batch for that step, so its epoch is one batch shorter than its peers' and any collective
-  issued per batch (gradient sync, ``gather``) then mismatches across ranks — use it for
-  evaluation code that tolerates uneven ranks, not for training.
+  ``gather_for_metrics(x, topo, loader=loader)`` drops exactly the repeats (``batch_real``).
+  With ``even_batches=False`` the remaining samples are split contiguously by the same rule:
+  later ranks get fewer samples, possibly none. A rank with none yields no batch for that step,
+  so its epoch is one batch shorter than its peers' and any collective issued per batch
+  (gradient sync, ``gather``) then mismatches across ranks — use it for evaluation code that
+  tolerates uneven ranks, not for training.
 * **Resume.** ``state_dict()`` records the epoch and the *global* cursor (samples of this epoch
   already yielded, counted over all data-parallel ranks). ``load_state_dict`` continues with
   exactly the next samples of the order, also at another world size: the rest of the order,
@@ -57,11 +57,23 @@ from typing import Any
 
 import torch
 
-from torchdist.errors import CheckpointError, TopologyError
+from torchdist._batches import BatchSamplerLoader
+from torchdist._stream import StreamLoader, is_stream
+from torchdist._tokens import count_tokens, token_mean_loss, with_window_tokens
+from torchdist.errors import CheckpointError, ConfigError, TopologyError
 from torchdist.placement import to_device
 from torchdist.topology import Topology
 
-__all__ = ["shard_loader", "ShardedLoader", "epoch_order"]
+__all__ = [
+    "shard_loader",
+    "ShardedLoader",
+    "StreamLoader",
+    "BatchSamplerLoader",
+    "epoch_order",
+    "count_tokens",
+    "token_mean_loss",
+    "with_window_tokens",
+]
 
 STATE_VERSION = 1
 
@@ -104,6 +116,7 @@ class ShardedLoader:
                 raise ValueError(f"shard_loader: {name} must be an int >= {low}, got {value!r}.")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"shard_loader: seed must be an int, got {seed!r}.")
+        _check_not_empty(dataset, batch_size * topo.size("dp"), drop_last)
         self.dataset = dataset
         self.topo = topo
         self.batch_size = batch_size
@@ -118,7 +131,13 @@ class ShardedLoader:
         self.collate_fn = collate_fn or torch.utils.data.default_collate
         self.epoch = 0
         self.batch_start = 0
+        self.batch_real = 0
         self._cursor = 0
+
+    @property
+    def dataset_len(self) -> int:
+        """Samples in an epoch (``gather_for_metrics(..., loader=)`` reads it)."""
+        return len(self.dataset)
 
     # ------------------------------------------------------------------ plan
     def _end(self) -> int:
@@ -168,7 +187,7 @@ class ShardedLoader:
         for (start, real, _), batch in zip(plan, batches, strict=False):
             # The cursor moves before the yield: a state saved in the loop body that consumes
             # this batch resumes after it.
-            self.batch_start, self._cursor = start, start + real
+            self.batch_start, self.batch_real, self._cursor = start, real, start + real
             yield to_device(batch, self.topo)
         # Ran to the end (not broken out of): the epoch is done, also on a rank whose share of
         # the last batch was empty, or when the tail did not fill a batch (drop_last).
@@ -234,6 +253,7 @@ class ShardedLoader:
                 f"loader state has keys {found}, expected {sorted(expected)}: it is not a "
                 "ShardedLoader.state_dict(). Pass the state this loader type saved."
             )
+        _check_state_types(state)
         if state["version"] > STATE_VERSION:
             raise CheckpointError(
                 f"loader state version {state['version']} is newer than this torchdist reads "
@@ -270,8 +290,16 @@ def shard_loader(
     even_batches: bool = True,
     collate_fn: Callable[[list[Any]], Any] | None = None,
     num_workers: int = 0,
-) -> ShardedLoader:
-    """This rank's sharded, seeded, resumable loader over ``dataset`` (map-style: len + getitem).
+    batch_sampler: Any = None,
+    dispatch: bool = False,
+) -> ShardedLoader | StreamLoader | BatchSamplerLoader:
+    """This rank's sharded, seeded, resumable loader over ``dataset``: map-style or a stream.
+
+    A torch or Hugging Face ``IterableDataset`` (or ``dispatch=True``) gets a ``StreamLoader``
+    (``torchdist/_stream.py``; ``dispatch``: dp rank 0 reads and broadcasts); a
+    ``batch_sampler`` (index lists of any size) a ``BatchSamplerLoader``. ``shuffle``/``seed``/
+    ``num_workers`` apply to map-style datasets only (a stream shuffles itself, e.g. HF's
+    ``.shuffle(seed)``, re-seeded per epoch through its ``set_epoch``).
 
     ``batch_size`` is per data-parallel rank; a global batch holds ``batch_size *
     topo.size("dp")`` samples. Shuffling is a pure function of ``(seed, epoch)``; see the module
@@ -284,8 +312,17 @@ def shard_loader(
         loader = shard_loader(ds, topo, batch_size=4, seed=0)
         for batch in loader:
             preds = td.gather_for_metrics(model(batch[0]).argmax(-1), topo,
-                                          dataset_len=len(ds), samples_seen=loader.batch_start)
+                                          loader=loader)
     """
+    common = {"drop_last": drop_last, "even_batches": even_batches, "collate_fn": collate_fn}
+    if dispatch or is_stream(dataset):
+        _check_sizes(topo, batch_size)
+        if batch_sampler is not None:
+            raise ConfigError("batch_sampler= needs a map-style dataset, not a stream.")
+        return StreamLoader(dataset, topo, batch_size=batch_size, dispatch=dispatch, **common)
+    if batch_sampler is not None:
+        _check_sizes(topo, 1)
+        return BatchSamplerLoader(dataset, topo, batch_sampler=batch_sampler, **common)
     return ShardedLoader(
         dataset,
         topo,
@@ -299,13 +336,58 @@ def shard_loader(
     )
 
 
+def _check_sizes(topo: Any, batch_size: int) -> None:
+    if not isinstance(topo, Topology):
+        raise TopologyError(f"shard_loader needs a Topology, got {type(topo).__name__}.")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"shard_loader: batch_size must be an int >= 1, got {batch_size!r}.")
+
+
+def _check_not_empty(dataset: Any, global_batch: int, drop_last: bool) -> None:
+    """An epoch with no batch would train zero steps without a word: refuse it."""
+    n = len(dataset)
+    if n == 0:
+        raise ConfigError(
+            f"shard_loader got an empty dataset ({type(dataset).__name__} of length 0): every "
+            "epoch would yield no batch. Check the path, split or filter that built it."
+        )
+    if drop_last and n < global_batch:
+        raise ConfigError(
+            f"shard_loader(drop_last=True): the dataset has {n} samples, fewer than one global "
+            f"batch ({global_batch} = batch_size x data-parallel ranks), so every epoch would be "
+            "empty. Lower batch_size, or pass drop_last=False."
+        )
+
+
+def _check_state_types(state: dict[str, Any]) -> None:
+    """Refuse a loader state whose fields have the wrong type or sign, before any is used."""
+    for key in ("version", "epoch", "cursor", "seed", "dataset_len"):
+        value = state[key]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise CheckpointError(
+                f"loader state {key}={value!r} is a {type(value).__name__}, expected an int; "
+                "the state was edited or comes from another loader. Pass "
+                "ShardedLoader.state_dict() unchanged."
+            )
+        if key != "seed" and value < 0:
+            raise CheckpointError(
+                f"loader state {key}={value} is negative, expected an int >= 0; pass "
+                "ShardedLoader.state_dict() unchanged."
+            )
+    if not isinstance(state["shuffle"], bool):
+        raise CheckpointError(
+            f"loader state shuffle={state['shuffle']!r} is a {type(state['shuffle']).__name__}, "
+            "expected a bool; pass ShardedLoader.state_dict() unchanged."
+        )
+
+
 def _check_dataset(dataset: Any) -> None:
     if isinstance(dataset, torch.utils.data.IterableDataset):
         raise TypeError(
             f"shard_loader needs a map-style dataset (len and integer indexing), got the "
             f"IterableDataset {type(dataset).__name__}: an iterable cannot be shuffled, sliced "
-            "per rank or resumed by index. Materialise it into a list or a map-style Dataset, "
-            "or shard the stream yourself (e.g. with td.split_between_ranks)."
+            "per rank or resumed by index. Build it with shard_loader(...), which streams it "
+            "(a StreamLoader), or materialise it into a map-style Dataset."
         )
     missing = [name for name in ("__len__", "__getitem__") if not hasattr(dataset, name)]
     if missing:

@@ -8,6 +8,18 @@ shows as groups. Metrics pytrees are reduced (mean over the ``"dp"`` axis by def
 steps that are logged, never every step, so logging every ``every`` steps costs one small
 collective per ``every`` steps.
 
+Trackers beside TensorBoard, each imported only when asked for, on rank 0 only:
+
+- ``mlflow=True``: an MLflow run in the local file store ``dir/mlruns`` (MLflow 3 asks for
+  ``MLFLOW_ALLOW_FILE_STORE=true`` to use it), or ``mlflow="sqlite:///runs/mlflow.db"`` (any
+  tracking URI). View with ``mlflow ui --backend-store-uri <uri>``.
+- ``wandb=True``: a Weights & Biases run in offline mode under ``dir/wandb`` (nothing leaves the
+  machine; ``wandb sync dir/wandb/offline-run-*`` uploads it later); ``wandb="online"`` logs live.
+
+A logger made again on the same ``dir`` (a resumed run) appends to ``metrics.jsonl`` and
+continues the same MLflow / W&B run (their ids are kept in ``dir``), so a plot of the file
+(``torchdist plot``) shows the whole run.
+
 Example::
 
     logger = td.MetricsLogger(topo, "runs/exp1", every=10)
@@ -46,10 +58,21 @@ class MetricsLogger:
         axis: Axis = "dp",
         op: str = "mean",
         tensorboard: bool | None = None,
+        mlflow: bool | str = False,
+        wandb: bool | str = False,
+        run_name: str | None = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
         self.topo, self.directory, self.every, self.axis, self.op = topo, directory, every, axis, op
         self._writer = None
         self._file = None
+        self._trackers: list[Any] = []
+        for name, wanted in (("mlflow", mlflow), ("wandb", wandb)):
+            if wanted and importlib.util.find_spec(name) is None:
+                raise ImportError(
+                    f"MetricsLogger({name}=...) needs the {name} package: pip install "
+                    f"{'mlflow-skinny' if name == 'mlflow' else name} (it is in torchdist[dev])"
+                )
         if tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ImportError(
                 "MetricsLogger(tensorboard=True) needs the tensorboard package: pip install "
@@ -63,6 +86,14 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._writer = SummaryWriter(directory)
+            from torchdist import _trackers
+
+            if mlflow:
+                uri = mlflow if isinstance(mlflow, str) else None
+                self._trackers.append(_trackers.MLflow(directory, uri, run_name, config))
+            if wandb:
+                mode = wandb if isinstance(wandb, str) else "offline"
+                self._trackers.append(_trackers.WandB(directory, mode, run_name, config))
 
     def log(self, step: int, metrics: Any) -> dict[str, float] | None:
         """Reduce and write ``metrics`` if ``step`` is a logging step; return what was written
@@ -85,6 +116,8 @@ class MetricsLogger:
         if self._writer is not None:
             for key, value in row.items():
                 self._writer.add_scalar(key, value, step)
+        for tracker in self._trackers:
+            tracker.log(row, step)
         return row
 
     def close(self) -> None:
@@ -92,6 +125,9 @@ class MetricsLogger:
             self._file.close()
         if self._writer is not None:
             self._writer.close()
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
 
 
 def _flat(metrics: Any) -> dict[str, Any]:

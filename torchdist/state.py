@@ -7,7 +7,7 @@ step functions.
 
 The interface is functional, the storage is not: **parameters, gradients and optimizer state are
 updated in place**, as everywhere in PyTorch. A new ``TrainState`` comes back from each step with
-the fields that are values (``step``, ``scaler``, ``extra``) replaced; ``model`` and
+the fields that are values (``step``, ``extra``, ``transforms``) replaced; ``model`` and
 ``optimizer`` are the same objects, mutated. Do not keep an old state expecting old weights.
 
 Example::
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TrainState", "LossScale", "StepContext", "StepFn"]
+__all__ = ["TrainState", "LossScale", "StepFn"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,16 @@ class LossScale:
     def initial(
         cls, device: torch.device | str, init_scale: float = 2.0**16, **kw: Any
     ) -> LossScale:
+        import math
+
+        if not (math.isfinite(init_scale) and init_scale > 0):
+            from torchdist.errors import ConfigError
+
+            raise ConfigError(
+                f"LossScale init_scale={init_scale!r}: a loss scale must be a finite number > 0 "
+                "(inf or nan would skip every step, 0 would zero every gradient); "
+                "use the default 2**16."
+            )
         return cls(
             scale=torch.full((), init_scale, dtype=torch.float32, device=device),
             growth_tracker=torch.zeros((), dtype=torch.int32, device=device),
@@ -63,46 +73,37 @@ class LossScale:
 
 
 @dataclass(frozen=True)
-class StepContext:
-    """What the step transforms of one call tell each other; empty between calls.
-
-    Set on the way down (``loss_multiplier`` by ``accumulate``, ``autocast_dtype`` and
-    ``loss_scale`` by ``autocast``, ``grad_sync`` by ``sync_grads``) and on the way up
-    (``found_inf`` once fp16 gradients are unscaled).
-    """
-
-    loss_multiplier: float = 1.0
-    autocast_dtype: torch.dtype | None = None
-    loss_scale: torch.Tensor | None = None
-    grad_sync: Any = None  # torchdist.transforms._sync_grads.GradSync
-    micro_step: tuple[int, int] = (0, 1)
-    found_inf: torch.Tensor | None = None  # set once gradients are unscaled
-
-    def replace(self, **changes: Any) -> StepContext:
-        return dataclasses.replace(self, **changes)
-
-
-@dataclass(frozen=True)
 class TrainState:
-    """Everything a step reads and writes: model, optimizer, step count, loss scale, scheduler.
+    """Everything a step reads and writes: model, optimizer, step count, scheduler, transforms.
 
     Parameters and optimizer state update **in place** (see the module docstring); the functional
-    part is the interface. ``step`` counts completed step-function calls, including fp16 steps
-    whose update was skipped; ``extra`` holds the user's own values (a pytree), and ``context`` is
-    owned by the step transforms during a call.
+    part is the interface. ``step`` counts completed step-function calls (with ``accumulate(k)``
+    the optimizer steps on every k-th); ``extra`` holds the user's own values (a pytree);
+    ``transforms`` maps each step transform's name to its state (``step.init(state)`` fills it:
+    the accumulation counter, the fp16 loss scale, what ``sync_grads`` decided), and is
+    checkpointed with the rest.
     """
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer | None = None
     step: int = 0
-    scaler: LossScale | None = None
     scheduler: Any = None  # torch.optim.lr_scheduler.LRScheduler
     extra: Mapping[str, Any] = field(default_factory=dict)
-    context: StepContext = field(default_factory=StepContext, repr=False, compare=False)
+    transforms: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def scaler(self) -> LossScale | None:
+        """The fp16 loss scale that ``autocast(torch.float16)`` keeps, or None."""
+        scale = self.transforms.get("autocast")
+        return scale if isinstance(scale, LossScale) else None
 
     def replace(self, **changes: Any) -> TrainState:
         """``dataclasses.replace`` as a method."""
         return dataclasses.replace(self, **changes)
+
+    def with_transform_state(self, name: str, value: Any) -> TrainState:
+        """This state with ``transforms[name]`` set to ``value``."""
+        return dataclasses.replace(self, transforms={**self.transforms, name: value})
 
 
 StepFn = Callable[[TrainState, Any], "tuple[TrainState, Any]"]

@@ -16,9 +16,10 @@ so a plan can be checked on a laptop. ``torchdist.distributed(topo)`` turns a to
 one that carries its ``DeviceMesh`` in ``topo.mesh``.
 
 ``Topology.from_env`` is the only place torchdist reads the environment. It understands torchrun
-(``WORLD_SIZE``/``RANK``/``LOCAL_RANK``...), Open MPI (``OMPI_COMM_WORLD_*``) and MPICH / Intel MPI
-(``PMI_SIZE``/``PMI_RANK``), so a launcher always yields the real world rather than N independent
-single-process runs.
+(``WORLD_SIZE``/``RANK``/``LOCAL_RANK``...), Open MPI (``OMPI_COMM_WORLD_*``), MPICH / Intel MPI
+(``PMI_SIZE``/``PMI_RANK``), MVAPICH (``MV2_COMM_WORLD_*``) and SLURM ``srun`` (``SLURM_PROCID``...),
+so a launcher always yields the real world rather than N independent single-process runs;
+contradicting or PMIx-only environments are refused (``docs/launchers.md``).
 
 Example::
 
@@ -179,7 +180,9 @@ class Topology:
 
         Reads torchrun's ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
         ``MASTER_ADDR``, ``MASTER_PORT``, ``TORCHELASTIC_USE_AGENT_STORE``, or Open MPI's
-        ``OMPI_COMM_WORLD_*``, or MPICH's ``PMI_SIZE``/``PMI_RANK``. ``device`` defaults to
+        ``OMPI_COMM_WORLD_*``, MPICH's ``PMI_SIZE``/``PMI_RANK``, MVAPICH's ``MV2_COMM_WORLD_*``
+        or a SLURM ``srun`` task's ``SLURM_STEP_NUM_TASKS``/``SLURM_PROCID``; a stale
+        ``WORLD_SIZE``/``RANK`` that contradicts them is a ``TopologyError``. ``device`` defaults to
         ``cuda:<local_rank>`` when CUDA is available, else the CPU. ``axes`` are mesh axis sizes
         (``dp_shard=-1, tp=2``); when none are given, ``TORCHDIST_MESH`` (set by
         ``torchdist launch --mesh dp_shard=2,tp=2``) supplies them. ``env`` replaces

@@ -22,10 +22,10 @@ What goes where, in ``<root>/step_<step:08d>/``:
   ``r``, else rank 0's: new ranks then start from rank 0's RNG state. The loader's position
   is global, so it resumes correctly at any world size.
 * ``torchdist_checkpoint.json``: the completion marker (see ``_layout``).
-* **DeepSpeed engines** (``TrainState.model`` from ``torchdist.sharding._deepspeed``): the engine's
+* **DeepSpeed engines** (``TrainState.model`` from ``torchdist.sharding.deepspeed``): the engine's
   own checkpoint (``engine.save_checkpoint``, in ``engine/``) takes the place of DCP's files; the
   extras, the atomic rename and the marker are the same. It loads only at the same world size
-  and ZeRO stage; see ``_engine_*`` below and ``torchdist.sharding._deepspeed``.
+  and ZeRO stage; see ``_engine_*`` below and ``torchdist.sharding.deepspeed``.
 
 **Atomic.** Everything is written into ``step_X.tmp-<token>`` (the token chosen by rank 0 and
 shared), and only when every rank has written does rank 0 write the marker and rename the
@@ -40,8 +40,8 @@ and optimizer expect (missing and unexpected keys by name) with the same global 
 per-rank state matches the ``TrainState`` (a scheduler and loss scale exactly when the saved run
 had them, a loader state when a loader is passed). A file that is damaged in a way only reading
 reveals surfaces as DCP's read error, wrapped. No partial load: a failed check leaves the
-model, optimizer, RNG and loader untouched. Payload bytes are not checksummed (it would cost a
-pass over every byte); a flipped bit inside a tensor's data is not detected.
+model, optimizer, RNG and loader untouched. ``save`` records every file's SHA-256 by default;
+``load(verify=True)`` rehashes them (spread over the ranks) and names a file that differs.
 
 **Untrusted checkpoints.** DCP's ``.metadata`` is a pickle. We never ``pickle.load`` it freely:
 it is read with an unpickler that resolves only DCP's metadata classes, and non-tensor values
@@ -64,13 +64,14 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
-from torchdist.checkpoint import _engine, _extras, _layout
+from torchdist.checkpoint import _engine, _extras, _layout, _safety
 from torchdist.checkpoint._safe import SafeFileSystemReader, SafeLoadPlanner, read_metadata
 from torchdist.collectives import broadcast, gather_object
 from torchdist.errors import CheckpointError
@@ -90,79 +91,106 @@ def save(
     *,
     loader: Any = None,
     keep: int | None = None,
+    checksum: bool = True,
+    timeout: float = 300.0,
 ) -> str:
     """Write ``state`` (and ``loader``'s position) to ``path/step_<state.step>``; return that path.
 
-    Every rank must call it. ``keep=k`` deletes all but the newest ``k`` complete checkpoints
-    under ``path`` afterwards.
+    Every rank must call it, with the same step and path; a rank that does not call it within
+    ``timeout`` seconds fails the ranks that did. ``keep=k`` deletes all but the newest ``k``
+    complete checkpoints under ``path`` afterwards (never the one just written).
+    ``checksum`` records every file's SHA-256 (for ``load(verify=True)``). A failed save (a full
+    disk) is removed and raises ``CheckpointError`` naming the path and the free space; the
+    previous checkpoints stay loadable. See ``docs/checkpoints.md``.
 
-    Communicates: one ``all_gather_object`` (each rank's readiness, rank 0's token), DCP's own
-    collectives (plan gather/scatter, write results gathered on rank 0), one ``broadcast``
-    of rank 0's outcome (so every rank raises if finishing failed).
+    Communicates: one all-gather of ``[step, path hash]``, one ``all_gather_object`` (each
+    rank's readiness, rank 0's token), DCP's own collectives, one ``all_gather_object`` of each
+    rank's outcome and checksums, one ``broadcast`` of rank 0's outcome.
     """
     if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
         raise CheckpointError(f"keep must be None or an int >= 1, got {keep!r}.")
     if not isinstance(state, TrainState):
         raise CheckpointError(f"save needs a TrainState, got {type(state).__name__}.")
-    import torch.distributed.checkpoint as dcp
-
     root = os.fspath(path)
     final = os.path.join(root, _layout.step_dirname(int(state.step)))
+    _safety.agree(topo, int(state.step), root, timeout)
     optimizer = _optimizer_mode(state)
+    token = secrets.token_hex(6) if topo.rank == 0 else ""
     try:
         extras = _extras.pack(state, topo, loader, optimizer=optimizer)
         extras, error = _extras.serialize(extras), ""
+        if topo.rank == 0:
+            _safety.prepare_root(root, token)
     except CheckpointError as exc:
         extras, error = b"", str(exc)
-    token = secrets.token_hex(6) if topo.rank == 0 else ""
     replies = gather_object([(error, token)], topo)
-    _layout.raise_first([e for e, _ in replies])
-    tmp = f"{final}.tmp-{replies[0][1]}"
+    locked = topo.rank == 0 and not error
+    try:
+        _layout.raise_first([e for e, _ in replies])
+        tmp = f"{final}.tmp-{replies[0][1]}"
+        return _write(state, topo, loader, root, final, tmp, extras, optimizer, keep, checksum)
+    finally:
+        if locked:
+            _safety.release_lock(root, token)
 
-    extras_file = _extras.extras_path(tmp, topo.rank)
-    os.makedirs(os.path.dirname(extras_file), exist_ok=True)
-    with open(extras_file, "wb") as f:
-        f.write(extras)
-        f.flush()
-        os.fsync(f.fileno())
+
+def _write(state, topo, loader, root, final, tmp, extras, optimizer, keep, checksum) -> str:
+    """Every rank writes its part into ``tmp``; rank 0 finishes, or removes ``tmp`` if any rank
+    failed (every rank then raises the same ``CheckpointError``)."""
+    import torch.distributed.checkpoint as dcp
+
+    error, digests = "", {}
+    try:
+        extras_file = _extras.extras_path(tmp, topo.rank)
+        os.makedirs(os.path.dirname(extras_file), exist_ok=True)
+        with open(extras_file, "wb") as f:
+            f.write(extras)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:  # still enter DCP: the other ranks are in it
+        error = _layout.first_line(exc)
     engine_contents: dict[str, Any] = {}
-    if deepspeed_engine(state.model) is not None:
-        engine_contents = _engine.engine_save(state, tmp, topo)
-    else:
-        # DCP returns on rank 0 only after every rank reported its writes done (its final
-        # gather), and every rank wrote its extras before entering it: no barrier needed.
-        with _quiet_single_process(topo):
-            dcp.save(
-                _state_dicts(state, optimizer=optimizer == "state"),
-                storage_writer=dcp.FileSystemWriter(tmp),
-                no_dist=not topo.is_live,
-            )
+    try:
+        if deepspeed_engine(state.model) is not None:
+            engine_contents = _engine.engine_save(state, tmp, topo)
+        else:
+            # DCP returns on every rank only after every rank's writes are done (its final
+            # all-reduce), and every rank wrote its extras before entering it.
+            with _quiet_single_process(topo):
+                dcp.save(
+                    _state_dicts(state, optimizer=optimizer == "state"),
+                    storage_writer=dcp.FileSystemWriter(tmp),
+                    no_dist=not topo.is_live,
+                )
+        if checksum and not error:
+            digests = _safety.hash_share(tmp, topo)
+    except (Exception, dcp.CheckpointException) as exc:  # noqa: BLE001 - a BaseException in DCP
+        error = error or _safety.describe_failure(exc)
+    replies = gather_object([(error, digests)], topo)
+    failed = [(rank, e) for rank, (e, _) in enumerate(replies) if e]
     outcome = {"error": ""}
-    if topo.rank == 0:
+    if topo.rank == 0 and failed:
+        shutil.rmtree(tmp, ignore_errors=True)
+        outcome["error"] = _safety.failed_save(final, root, failed)
+    elif topo.rank == 0:
         contents = {
             **engine_contents,
             "optimizer": optimizer,
             "scheduler": state.scheduler is not None,
-            "scaler": state.scaler is not None,
+            "transforms": sorted(state.transforms),
             "loader": loader is not None,
             "torch": torch.__version__,
         }
+        checksums = {k: v for _, d in replies for k, v in d.items()} if checksum else None
         try:
-            _layout.finish(
-                tmp,
-                final,
-                step=int(state.step),
-                world_size=topo.world_size,
-                mesh=topo.axes,
-                contents=contents,
-            )
+            _layout.finish(tmp, final, step=int(state.step), world_size=topo.world_size,
+                           mesh=topo.axes, contents=contents, checksums=checksums)  # fmt: skip
             if keep is not None:
-                _layout.prune(root, keep)
+                _layout.prune(root, keep, protect=final)
         except OSError as exc:
-            outcome["error"] = (
-                f"finishing checkpoint {final} failed: {exc}. The data is in {tmp}; check the "
-                "disk (space, permissions) and save again."
-            )
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+            outcome["error"] = _safety.failed_save(final, root, [(0, _layout.first_line(exc))])
     outcome = broadcast(outcome, topo)
     _layout.raise_first([outcome["error"]])
     return final
@@ -174,13 +202,15 @@ def load(
     topo: Topology,
     *,
     loader: Any = None,
+    verify: bool = False,
 ) -> TrainState:
     """Restore ``state`` (and ``loader``) from ``path``; return the new ``TrainState``.
 
     ``path`` is a checkpoint directory, or a directory of them: the newest complete one is
     loaded. The model and optimizer in ``state`` are filled in place (freshly built ones are
-    fine, at any world size or mesh); step, scaler and ``extra`` come back in the returned
+    fine, at any world size or mesh); step, transform states and ``extra`` come back in the returned
     state; the scheduler, the loader and this process's RNGs are restored. Every rank must call it.
+    ``verify=True`` first checks every file against the SHA-256 the save recorded.
 
     Communicates: one ``broadcast`` (rank 0 picks the checkpoint), one ``all_gather_object``
     (every rank's checks agree before anything is read), then DCP's collectives.
@@ -202,6 +232,13 @@ def load(
     try:
         marker = _layout.read_marker(ckpt)
         _layout.check_files(marker)
+        if verify and not marker.checksums:
+            raise CheckpointError(
+                f"load(verify=True): checkpoint {ckpt} has no checksums (saved with "
+                "checksum=False, or by an older torchdist). Load without verify=True."
+            )
+        if verify:
+            _safety.verify_share(ckpt, marker.checksums, topo)
         extras, _ = _extras.read(ckpt, topo)
         saved = extras["optimizer"]
         if state.optimizer is not None and saved == "none":

@@ -49,7 +49,7 @@ def check_engine_checkpoint(engine: Any, contents: Mapping[str, Any], world_size
     if contents.get("engine") != "deepspeed":
         return (
             f"checkpoint {ckpt} was saved from a plain/DCP TrainState, but the model is a "
-            "DeepSpeed engine; load it into the model before torchdist.sharding._deepspeed wraps "
+            "DeepSpeed engine; load it into the model before torchdist.sharding.deepspeed wraps "
             "it (checkpoint.load on a plain TrainState), then build the engine."
         )
     if contents.get("zero_stage") != stage or world_size != topo.world_size:
@@ -105,7 +105,7 @@ def engine_check(state: TrainState, marker: _layout.Marker, topo: Topology) -> N
     if deepspeed_engine(state.model) is None:
         raise CheckpointError(
             f"checkpoint {marker.path} holds a DeepSpeed engine's checkpoint, but the model is "
-            "not an engine; build it with torchdist.sharding._deepspeed (same ZeRO stage and "
+            "not an engine; build it with torchdist.sharding.deepspeed (same ZeRO stage and "
             "world size) and load into that TrainState."
         )
     error = check_engine_checkpoint(state.model, marker.contents, marker.world_size, topo,

@@ -1,4 +1,5 @@
-"""The per-rank part of a checkpoint: step, RNG states, scheduler, loss scale, ``extra``, loader.
+"""The per-rank part of a checkpoint: step, RNG states, scheduler, transform states, ``extra``,
+loader.
 
 Each rank writes ``extras/rank_<rank:05d>.pt`` with ``torch.save`` and every value in it is
 something ``torch.load(weights_only=True)`` accepts: tensors, numbers, strings, and lists,
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import io
 import os
-import random
 from typing import Any
 
 import torch
 
+from torchdist import _rng
+from torchdist.checkpoint import _transform_state
 from torchdist.errors import CheckpointError
-from torchdist.state import LossScale, TrainState
+from torchdist.state import TrainState
 from torchdist.topology import Topology
 
 __all__ = [
@@ -29,8 +31,6 @@ __all__ = [
     "read",
     "check",
     "restore",
-    "restore_rng",
-    "capture_rng",
 ]
 
 EXTRAS_DIR = "extras"
@@ -40,72 +40,17 @@ def extras_path(root: str, rank: int) -> str:
     return os.path.join(root, EXTRAS_DIR, f"rank_{rank:05d}.pt")
 
 
-def _numpy():
-    try:
-        import numpy
-    except ImportError:
-        return None
-    return numpy
-
-
-def capture_rng(topo: Topology) -> dict[str, Any]:
-    """This process's RNG states (torch CPU, CUDA of ``topo.device``, Python, NumPy), as data."""
-    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
-    version, internal, gauss = random.getstate()
-    rng["python"] = {"version": version, "state": list(internal), "gauss_next": gauss}
-    if topo.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(topo.device)
-    np = _numpy()
-    if np is not None:
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        rng["numpy"] = {
-            "kind": str(kind),
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        }
-    return rng
-
-
-def restore_rng(rng: dict[str, Any], topo: Topology) -> None:
-    """Set this process's RNGs to ``rng`` (as ``capture_rng`` made it)."""
-    torch.set_rng_state(rng["torch"])
-    py = rng["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
-    if "cuda" in rng and topo.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], topo.device)
-    np = _numpy()
-    if np is not None and "numpy" in rng:
-        state = rng["numpy"]
-        np.random.set_state(
-            (
-                state["kind"],
-                state["keys"].numpy().astype(np.uint32),
-                state["pos"],
-                state["has_gauss"],
-                state["cached_gaussian"],
-            )
-        )
-
-
 def pack(state: TrainState, topo: Topology, loader: Any, *, optimizer: str) -> dict[str, Any]:
     """Everything of ``state`` that DCP does not hold, for this rank; ``optimizer`` says what
     DCP holds of the optimizer (``"none"``, ``"empty"``: not stepped yet, ``"state"``)."""
-    scaler = None
-    if state.scaler is not None:
-        scaler = {
-            k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
-            for k, v in state.scaler.state_dict().items()
-        }
     return {
         "step": int(state.step),
         "optimizer": optimizer,
         "rank": topo.rank,
         "world_size": topo.world_size,
-        "rng": capture_rng(topo),
-        "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
-        "scaler": scaler,
+        "rng": _rng.capture(topo),
+        "scheduler": _scheduler_state(state.scheduler),
+        "transforms": _transform_state.pack(state),
         "extra": dict(state.extra),
         "loader": loader.state_dict() if loader is not None else None,
     }
@@ -113,19 +58,16 @@ def pack(state: TrainState, topo: Topology, loader: Any, *, optimizer: str) -> d
 
 def serialize(extras: dict[str, Any]) -> bytes:
     """``torch.save`` bytes of ``extras``, checked to load back with ``weights_only=True``."""
-    buffer = io.BytesIO()
-    torch.save(extras, buffer)
-    data = buffer.getvalue()
     try:
-        torch.load(io.BytesIO(data), weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - anything weights_only refuses
+        return _round_trip(extras)
+    except Exception as exc:  # noqa: BLE001 - unpicklable, or anything weights_only refuses
+        bad = "; ".join(_offending(extras)) or f"{type(exc).__name__}: {_line(exc)}"
         raise CheckpointError(
-            "part of the state cannot be checkpointed safely: loading it back would need "
-            f"unpickling arbitrary objects ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
-            "Keep TrainState.extra and the scheduler's state to tensors, numbers, strings and "
-            "lists/tuples/dicts of them (convert custom objects to such data first)."
+            f"part of the state cannot be checkpointed safely (saving it, or loading it back "
+            f"without unpickling arbitrary objects, fails): {bad}. Keep TrainState.extra and "
+            "the scheduler's state to tensors, numbers, strings and lists/tuples/dicts of them "
+            "(convert custom objects to such data first)."
         ) from None
-    return data
 
 
 def read(root: str, topo: Topology) -> tuple[dict[str, Any], int]:
@@ -160,13 +102,8 @@ def check(extras: dict[str, Any], state: TrainState, loader: Any) -> None:
             f"the checkpoint {has} a scheduler state, but TrainState.scheduler is {given}. Pass "
             "a TrainState with the same kind of scheduler the run was saved with (or none)."
         )
-    if (extras["scaler"] is None) != (state.scaler is None):
-        has = "holds" if extras["scaler"] is not None else "does not hold"
-        raise CheckpointError(
-            f"the checkpoint {has} an fp16 loss scale, but TrainState.scaler is "
-            f"{'None' if state.scaler is None else 'set'}. Pass a TrainState with a scaler "
-            "exactly when the saved run had one (LossScale.initial(device) as a placeholder)."
-        )
+    if state.scheduler is not None:
+        _scheduler_state(state.scheduler)  # refuses one without state_dict/load_state_dict
     if loader is None:
         return
     if extras["loader"] is None:
@@ -181,7 +118,8 @@ def check(extras: dict[str, Any], state: TrainState, loader: Any) -> None:
 
 
 def restore(state: TrainState, extras: dict[str, Any], topo: Topology, loader: Any) -> TrainState:
-    """``state`` with step, scaler and extra from ``extras``; RNG, scheduler, loader restored.
+    """``state`` with step, transform states and extra from ``extras``; RNG, scheduler, loader
+    restored.
 
     Call ``check`` first: this assumes ``extras`` fits.
     """
@@ -189,12 +127,67 @@ def restore(state: TrainState, extras: dict[str, Any], topo: Topology, loader: A
         state.scheduler.load_state_dict(extras["scheduler"])
     if loader is not None:
         loader.load_state_dict(extras["loader"])
-    scaler = None
-    if extras["scaler"] is not None:
-        values = {
-            k: v.to(topo.device) if isinstance(v, torch.Tensor) else v
-            for k, v in extras["scaler"].items()
-        }
-        scaler = LossScale.from_state_dict(values)
-    restore_rng(extras["rng"], topo)
-    return state.replace(step=int(extras["step"]), scaler=scaler, extra=extras["extra"])
+    _rng.restore(extras["rng"], topo)
+    saved = extras.get("transforms") or {"states": {}, "partial_grads": None}
+    if extras.get("scaler") is not None:  # written before transform states were keyed by name
+        saved["states"]["autocast"] = extras["scaler"]
+    state = _transform_state.restore(
+        state, saved, same_world=extras["world_size"] == topo.world_size, topo=topo
+    )
+    return state.replace(step=int(extras["step"]), extra=extras["extra"])
+
+
+# --------------------------------------------------------------------------- checks
+_SECTIONS = ("extra", "scheduler", "transforms", "loader")  # user-supplied parts, named on error
+
+
+def _line(exc: BaseException) -> str:
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0][:200]
+
+
+def _round_trip(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    data = buffer.getvalue()
+    torch.load(io.BytesIO(data), weights_only=True)
+    return data
+
+
+def _offending(extras: dict[str, Any]) -> list[str]:
+    """``"extra['key']: <type> (<why>)"`` for each deepest value that does not round-trip."""
+    found: list[str] = []
+
+    def walk(where: str, value: Any) -> None:
+        try:
+            _round_trip(value)
+            return
+        except Exception as exc:  # noqa: BLE001
+            why = _line(exc)
+        children = (
+            list(value.items()) if isinstance(value, dict)
+            else list(enumerate(value)) if isinstance(value, (list, tuple)) else []
+        )  # fmt: skip
+        before = len(found)
+        for key, child in children:
+            walk(f"{where}[{key!r}]", child)
+        if len(found) == before:
+            found.append(f"{where}: a {type(value).__name__} ({why})")
+
+    for section in _SECTIONS:
+        if section in extras:
+            walk(section if section != "extra" else "TrainState.extra", extras[section])
+    return found[:12]
+
+
+def _scheduler_state(scheduler: Any) -> Any:
+    if scheduler is None:
+        return None
+    if not callable(getattr(scheduler, "state_dict", None)) or not callable(
+        getattr(scheduler, "load_state_dict", None)
+    ):
+        raise CheckpointError(
+            f"TrainState.scheduler is a {type(scheduler).__name__} ({scheduler!r:.80}), which has "
+            "no state_dict()/load_state_dict(), so its position cannot be saved or restored. "
+            "Pass a torch.optim.lr_scheduler.LRScheduler, or give it both methods."
+        )
+    return scheduler.state_dict()

@@ -7,7 +7,12 @@ finished and rank 0 has written the marker ``torchdist_checkpoint.json`` into it
 * a directory with a marker is complete; a ``.tmp-`` directory is an interrupted save and is
   never loaded;
 * the marker records the format version, the step, the world size and mesh axes of the saving
-  job, and the byte size of every file, so a truncated file is found before anything is read.
+  job, the byte size of every file (a truncated file is found before anything is read) and,
+  by default, the SHA-256 of every file (``load(verify=True)``);
+* replacing an existing step renames it aside (``.old-``) first; a crash between the two renames
+  leaves a marked ``.tmp-`` (the new save) or ``.old-`` directory: it counts as that step's
+  checkpoint (``complete_checkpoints``), the next save renames it back (``recover``), and
+  ``prune`` never deletes it while its step has no final directory.
 
 These helpers run on one rank (rank 0 for everything that writes) and communicate nothing.
 """
@@ -18,7 +23,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torchdist.errors import CheckpointError
@@ -34,6 +39,7 @@ __all__ = [
     "check_files",
     "finish",
     "prune",
+    "recover",
 ]
 
 #: Version of the on-disk layout this torchdist writes; it reads this version and older.
@@ -55,6 +61,7 @@ class Marker:
     mesh: dict[str, int]
     files: dict[str, int]
     contents: dict[str, Any]
+    checksums: dict[str, str] = field(default_factory=dict)  # empty: saved with checksum=False
 
 
 def step_dirname(step: int) -> str:
@@ -78,15 +85,44 @@ def _has_marker(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
 
 
-def complete_checkpoints(root: str) -> list[tuple[int, str]]:
-    """``(step, path)`` of the complete checkpoints under ``root``, oldest first."""
-    found = []
+def _candidates(root: str) -> dict[int, str]:
+    """Each step's complete checkpoint: ``step_N``, else a marked ``step_N.tmp-*`` (a save whose
+    final rename was interrupted), else a marked ``step_N.old-*`` (the one it was replacing)."""
+    rank = {"": 0, ".tmp-": 1, ".old-": 2}
+    best: dict[int, tuple[int, str]] = {}
     for name in os.listdir(root):
-        match = _STEP_RE.match(name)
+        stem, kind = name, ""
+        for sep in (".tmp-", ".old-"):
+            if sep in name:
+                stem, kind = name.split(sep)[0], sep
+        match = _STEP_RE.match(stem)
         path = os.path.join(root, name)
-        if match and os.path.isdir(path) and _has_marker(path):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+        if not (match and os.path.isdir(path) and _has_marker(path)):
+            continue
+        step = int(match.group(1))
+        if step not in best or (rank[kind], name) < best[step]:
+            best[step] = (rank[kind], name)
+    return {step: os.path.join(root, name) for step, (_, name) in best.items()}
+
+
+def complete_checkpoints(root: str) -> list[tuple[int, str]]:
+    """``(step, path)`` of the complete checkpoints under ``root``, oldest first (one per step;
+    see ``_candidates`` for the leftovers of an interrupted rename)."""
+    return sorted(_candidates(root).items())
+
+
+def recover(root: str) -> list[str]:
+    """Rename each step's interrupted-rename leftover to its final name (rank 0, under the
+    save lock); return the recovered paths."""
+    recovered = []
+    for step, path in _candidates(root).items():
+        final = os.path.join(root, step_dirname(step))
+        if path != final:
+            os.rename(path, final)
+            recovered.append(final)
+    if recovered:
+        _fsync_dir(root)
+    return recovered
 
 
 def resolve(path: str) -> str:
@@ -166,6 +202,9 @@ def read_marker(path: str) -> Marker:
             mesh=dict(raw["mesh"]),
             files={str(k): int(v) for k, v in raw["files"].items()},
             contents=dict(raw.get("contents", {})),
+            checksums={
+                str(k): str(v) for k, v in raw.get("checksums", {}).get("files", {}).items()
+            },
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(
@@ -215,6 +254,7 @@ def finish(
     world_size: int,
     mesh: dict[str, int],
     contents: dict[str, Any],
+    checksums: dict[str, str] | None = None,
 ) -> None:
     """Write the marker into ``tmp`` and rename it to ``final`` (rank 0, after every rank wrote).
 
@@ -230,6 +270,8 @@ def finish(
         "contents": contents,
         "files": _file_sizes(tmp),
     }
+    if checksums is not None:
+        marker["checksums"] = {"algorithm": "sha256", "files": dict(sorted(checksums.items()))}
     marker_path = os.path.join(tmp, MARKER)
     with open(marker_path, "w", encoding="utf-8") as f:
         json.dump(marker, f, indent=1)
@@ -246,14 +288,22 @@ def finish(
         shutil.rmtree(old, ignore_errors=True)
 
 
-def prune(root: str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` complete checkpoints, and leftovers of crashed saves."""
+def prune(root: str, keep: int, protect: str | None = None) -> list[str]:
+    """Delete all but the newest ``keep`` complete checkpoints, and leftovers of crashed saves.
+
+    ``protect`` (the checkpoint just written) is never deleted, even when ``keep`` newer steps
+    exist (a run resumed from an older step): those are kept too, nothing newer is deleted.
+    A step's only complete copy is never deleted as a leftover (see ``recover``).
+    """
     complete = complete_checkpoints(root)
-    doomed = [path for _, path in complete[:-keep]] if len(complete) > keep else []
+    newest = {path for _, path in complete[-keep:]}
+    doomed = [p for _, p in complete if p not in newest and p != protect]
+    kept = {p for _, p in complete}
     for name in os.listdir(root):
         stem = name.split(".tmp-")[0].split(".old-")[0]
-        if (".tmp-" in name or ".old-" in name) and _STEP_RE.match(stem):
-            doomed.append(os.path.join(root, name))
+        path = os.path.join(root, name)
+        if (".tmp-" in name or ".old-" in name) and _STEP_RE.match(stem) and path not in kept:
+            doomed.append(path)
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed

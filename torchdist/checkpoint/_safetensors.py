@@ -99,8 +99,13 @@ def export_safetensors(
     topo: Topology,
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    config: Any = "auto",
 ) -> list[str]:
     """Write ``model``'s full weights into directory ``path`` (rank 0); return the files written.
+
+    ``config``: a Hugging Face ``PretrainedConfig`` or a dict, written as ``config.json`` so
+    ``AutoModelForCausalLM.from_pretrained(path)`` loads the directory; ``"auto"`` (default)
+    writes ``model.config`` when the model has one (any ``transformers`` model); ``None`` none.
 
     Every rank must call it. Communicates: one all-gather per ``DTensor`` parameter
     (``full_tensor()`` over its mesh), in state-dict order, and one ``broadcast`` of rank 0's
@@ -108,6 +113,7 @@ def export_safetensors(
     """
     if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise CheckpointError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}.")
+    config_text = _config_text(model, config)
     entries, _ = _entries(model)
     for name, tensor in entries.items():
         if tensor.dtype not in _DTYPES:
@@ -146,13 +152,36 @@ def export_safetensors(
     if writing:
         try:
             _finish(root, names, groups, entries)
+            if config_text is not None:
+                with open(os.path.join(root, "config.json"), "w", encoding="utf-8") as out:
+                    out.write(config_text)
         except OSError as exc:
             error = f"finishing the export in {root} failed: {exc}"
     outcome = broadcast({"error": error}, topo)
     if outcome["error"]:
         raise CheckpointError(outcome["error"] + ". Check the disk (space, permissions).")
-    return [os.path.join(root, n) for n in names] + (
-        [os.path.join(root, INDEX)] if len(names) > 1 else []
+    return (
+        [os.path.join(root, n) for n in names]
+        + ([os.path.join(root, INDEX)] if len(names) > 1 else [])
+        + ([os.path.join(root, "config.json")] if config_text is not None else [])
+    )
+
+
+def _config_text(model: torch.nn.Module, config: Any) -> str | None:
+    """The ``config.json`` text (HF layout) to write, or ``None``; checked on every rank."""
+    if isinstance(config, str) and config == "auto":
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(config, "to_json_string"):
+            return None
+    if config is None:
+        return None
+    if hasattr(config, "to_json_string"):
+        return config.to_json_string(use_diff=False)
+    if isinstance(config, dict):
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+    raise CheckpointError(
+        f"config={type(config).__name__} is neither a transformers PretrainedConfig nor a "
+        "dict; pass model.config, a dict, or config=None."
     )
 
 

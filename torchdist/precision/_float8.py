@@ -9,8 +9,10 @@ parameter names are unchanged, so checkpoints stay portable.
 Decisions, where torchao and FSDP2 leave a choice:
 
 * **Which layers.** ``Float8Recipe``'s default filter skips the first and the last ``nn.Linear``
-  (in the order ``named_modules`` lists them: typically the input projection and the LM head,
-  the layers most sensitive to precision) and every Linear whose in or out features are not a
+  outside the repeated blocks (in the order ``named_modules`` lists them: typically the input
+  projection and the LM head, the layers most sensitive to precision; a block's layers are never
+  edges, so siblings such as ``q``, ``k``, ``v`` are treated alike) and every Linear whose in or
+  out features are not a
   multiple of 16 (``torch._scaled_mm``'s requirement on GPUs); ``min_features=`` also skips
   layers too small to gain (torchao's H100 tables put the break-even around 1024-4096 features).
   A ``filter=`` predicate over ``(fully_qualified_name, module)`` replaces the default entirely.
@@ -28,8 +30,8 @@ Decisions, where torchao and FSDP2 leave a choice:
   all-gather in torchao (their weight scales are per row of the unsharded weight); their
   weights are all-gathered in the parameter dtype.
 * **Order.** ``autocast_fp8`` comes first: ``autocast_fp8 -> parallelize ->
-  checkpoint_activations -> shard | replicate``. It refuses a model that is already sharded,
-  replicated, parallelized, checkpointed or float8, naming that order.
+  checkpoint_activations -> compile -> shard | replicate``. It refuses a model that is already
+  sharded, replicated, parallelized, checkpointed, compiled or float8, naming that order.
 * **With ``autocast(torch.bfloat16)``.** torchao's ``Float8Linear`` follows CUDA autocast only;
   on CPU the combination works for ``tensorwise`` and ``rowwise`` but ``rowwise_with_gw_hp``
   fails in torchao 0.18 ("expected m1 and m2 to have the same dtype"). For bf16 around fp8
@@ -62,33 +64,16 @@ from typing import Any
 
 import torch.nn as nn
 
+from torchdist._model_record import MODEL_ORDER, check_order, record_of
 from torchdist.errors import CompositionError
 from torchdist.marks import mark
 
 __all__ = ["Float8Recipe", "autocast_fp8", "converted_layers", "fp8_compatible"]
 
-_RECORD = "_torchdist_fp8"
 _TORCHAO_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 _RECIPES = _TORCHAO_RECIPES + ("transformer_engine",)
 
 ModuleFilter = Callable[[str, nn.Module], bool]
-
-# What each transform that must come after autocast_fp8 has already done to the model.
-_CONFLICTS = {
-    "autocast_fp8": "its Linear layers are already float8; apply autocast_fp8 once.",
-    "shard": "FSDP2 has already turned the weights into sharded DTensors; the float8 layers "
-    "(and their fp8 all-gather) must exist before fully_shard sees them.",
-    "replicate": "DDP has already registered gradient hooks on the Linear weights that "
-    "autocast_fp8 would replace.",
-    "parallelize": "tensor parallelism has already split the Linear weights into DTensors; "
-    "float8 conversion must see the plain nn.Linear layers.",
-    "checkpoint_activations": "the blocks are already wrapped for recomputation; convert "
-    "first so the recompute runs the float8 layers.",
-    "deepspeed": "DeepSpeed owns this model's parameters and precision.",
-    "msamp": "MS-AMP has already replaced its Linear layers with its own fp8 ones; use one "
-    "fp8 system.",
-}
-
 
 def fp8_compatible(module: nn.Module, min_features: int = 0) -> bool:
     """True for an ``nn.Linear`` whose in and out features are multiples of 16 and at least
@@ -110,7 +95,8 @@ class Float8Recipe:
 
     ``filter``: a predicate over ``(fully_qualified_name, module)`` for each ``nn.Linear``;
     when given, it alone decides. Otherwise ``skip_first_last`` skips the first and last Linear
-    and ``fp8_compatible(module, min_features)`` must hold. ``select(model)`` lists the layers
+    outside the repeated blocks and ``fp8_compatible(module, min_features)`` must hold.
+    ``select(model)`` lists the layers
     a recipe picks without converting anything.
     """
 
@@ -215,7 +201,16 @@ class Float8Recipe:
         linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         if self.filter is not None:
             return tuple(n for n, m in linears if self.filter(n, m))
-        edges = {linears[0][0], linears[-1][0]} if self.skip_first_last and linears else set()
+        edges = set()
+        if self.skip_first_last and linears:
+            # The edges are the model's own input and output layers, never a layer of a repeated
+            # block: skipping blocks.0.q alone would treat q unlike its siblings k and v.
+            from torchdist.blocks import repeated_blocks
+
+            inside = tuple(f"{name}." for name, _ in repeated_blocks(model))
+            outside = [n for n, _ in linears if not n.startswith(inside)] if inside else [
+                n for n, _ in linears]  # fmt: skip
+            edges = {outside[0], outside[-1]} if outside else set()
         return tuple(
             n for n, m in linears if n not in edges and fp8_compatible(m, self.min_features)
         )
@@ -231,12 +226,6 @@ class Float8Recipe:
         if self.fsdp_float8_all_gather:
             config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
         return config
-
-
-@dataclass(frozen=True)
-class _Applied:
-    recipe: Float8Recipe
-    layers: tuple[str, ...]
 
 
 class _PrecomputeFloat8Scales:
@@ -291,7 +280,8 @@ def autocast_fp8(model: nn.Module, recipe: Float8Recipe | None = None) -> nn.Mod
         why = (
             "the filter selected none"
             if recipe.filter is not None
-            else "the default skips the first and last Linear and those whose features are "
+            else "the default skips the first and last Linear outside the repeated blocks and "
+            "those whose features are "
             f"not multiples of 16{small}"
         )
         raise CompositionError(
@@ -306,14 +296,14 @@ def autocast_fp8(model: nn.Module, recipe: Float8Recipe | None = None) -> nn.Mod
         hook = None
     else:
         model, hook = _convert_torchao(model, recipe, layers)
-    object.__setattr__(model, _RECORD, _Applied(recipe, layers))
-    return mark(model, "autocast_fp8", after_optimizer_step=hook)
+    return mark(model, "autocast_fp8", options={"recipe": recipe, "layers": layers},
+                after_optimizer_step=hook)  # fmt: skip
 
 
 def converted_layers(model: nn.Module) -> tuple[str, ...]:
     """Fully-qualified names of the layers ``autocast_fp8`` converted (empty if it did not run)."""
-    record = getattr(model, _RECORD, None)
-    return record.layers if record is not None else ()
+    found = record_of(model).find("autocast_fp8")
+    return tuple(found.options["layers"]) if found is not None else ()
 
 
 # --------------------------------------------------------------------------- internals
@@ -332,30 +322,15 @@ def _require_torchao(feature: str, submodule: str = "float8") -> None:
 
 
 def _check_order(model: nn.Module) -> None:
-    from torchdist.sharding._common import MODEL_ORDER, check_not_applied
+    check_order(model, "autocast_fp8")
+    from torchdist._distribution import distributed_by_hand
 
-    check_not_applied(model, "autocast_fp8", _CONFLICTS)
-    found = _distributed_by_hand(model)
+    found = distributed_by_hand(model)
     if found:
         raise CompositionError(
             f"autocast_fp8 after {found}: float8 conversion must see the plain nn.Linear "
             f"layers. The order that works, first to last: {MODEL_ORDER}."
         )
-
-
-def _distributed_by_hand(model: nn.Module) -> str | None:
-    """What torch-level distribution was applied to ``model`` outside torchdist, if any."""
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(model, DistributedDataParallel):
-        return "DistributedDataParallel"
-    if any(isinstance(m, FSDPModule) for m in model.modules()):
-        return "fully_shard (FSDP2)"
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        return "DTensor parameters (tensor parallel)"
-    return None
 
 
 def _convert_torchao(model: nn.Module, recipe: Float8Recipe, layers: tuple[str, ...]):

@@ -32,8 +32,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from torchdist._model_record import check_order
 from torchdist.errors import CompositionError
-from torchdist.marks import applied, mark
+from torchdist.marks import mark
 
 __all__ = ["msamp_initialize"]
 
@@ -51,23 +52,6 @@ or use its container ghcr.io/azure/msamp. The same savings without MS-AMP, on an
     O1, fp8 matmuls:        model = autocast_fp8(model, Float8Recipe.tensorwise())
     O2, + low-bit state:    opt = low_bit_adamw(model.parameters(), bits=8)  # or fp8=True
 (both from torchdist.precision), with torchdist.sharding.shard for fp8 weight all-gather."""
-
-_CONFLICTS = {
-    "msamp": "msamp_initialize was already applied; MS-AMP supports one call per model.",
-    "autocast_fp8": "autocast_fp8 already made its Linear layers float8 (torchao); use one fp8 "
-    "system: autocast_fp8 + low_bit_adamw, or msamp_initialize.",
-    "shard": "the model is sharded (FSDP2), and MS-AMP must replace the plain nn.Linear layers; "
-    "MS-AMP has no FSDP2 support, so for shard use autocast_fp8 + low_bit_adamw instead.",
-    "replicate": "the model is already replicated (DDP); call msamp_initialize first and "
-    "replicate after.",
-    "parallelize": "tensor parallelism already split its Linear weights into DTensors; MS-AMP "
-    "must see the plain nn.Linear layers.",
-    "deepspeed": "DeepSpeed already owns this model; enable MS-AMP in the DeepSpeed config "
-    '("msamp": {"enabled": true, "opt_level": ...}) instead.',
-    "checkpoint_activations": "activation checkpointing already wrapped its blocks; call "
-    "msamp_initialize first.",
-}
-
 
 def msamp_initialize(
     model: nn.Module,
@@ -102,26 +86,19 @@ def msamp_initialize(
     except ImportError as exc:
         raise ImportError(_INSTALL.format(exc=exc)) from exc
     model, optimizer = msamp.initialize(model, optimizer, opt_level=opt_level)
-    return mark(model, "msamp"), optimizer
+    return mark(model, "msamp", options={"opt_level": opt_level}), optimizer
 
 
 def _check_model(model: nn.Module) -> None:
-    for name in applied(model):
-        if name in _CONFLICTS:
-            raise CompositionError(
-                f"msamp_initialize after {name}: {_CONFLICTS[name]} The order that works: "
-                "msamp_initialize(model, opt) first, then replicate or DeepSpeed."
-            )
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
+    check_order(model, "msamp")
+    from torchdist._distribution import distributed_by_hand
 
-    if any(isinstance(m, FSDPModule) for m in model.modules()) or any(
-        isinstance(p, DTensor) for p in model.parameters()
-    ):
+    found = distributed_by_hand(model)
+    if found is not None:
         raise CompositionError(
-            "msamp_initialize: the model's parameters are already sharded (FSDP2 or tensor "
-            "parallel DTensors); MS-AMP must see the plain nn.Linear layers. Call it before "
-            "distributing, or use autocast_fp8 + low_bit_adamw, which compose with shard."
+            f"msamp_initialize after {found}: MS-AMP must see the plain nn.Linear layers. Call "
+            "it before distributing, or use autocast_fp8 + low_bit_adamw, which compose with "
+            "shard."
         )
 
 

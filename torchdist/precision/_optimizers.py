@@ -97,9 +97,46 @@ def low_bit_adamw(
     _require_torchao(f"low_bit_adamw(bits={bits}, fp8={fp8})", "optim")
     from torchdist.precision._torchao import low_bit_adamw_class
 
+    _check_some_tensor_quantized(params, kind, adamw_kwargs.get("block_size"))
     if compile is None:
         compile = any(p.device.type == "cuda" for p in _tensors(params))
     return low_bit_adamw_class(kind, compile)(params, **adamw_kwargs)
+
+
+_MIN_QUANTIZED = 4096  # torchao (after bitsandbytes) keeps fp32 moments for smaller tensors
+
+
+def _check_some_tensor_quantized(params: list, kind: str, block_size: Any) -> None:
+    """Refuse a configuration under which torchao would quantize no tensor: it would silently
+    keep fp32 moments for all of them, the memory this optimizer exists to save."""
+    default = 128 if kind == "4bit" else 256
+    if block_size is None:
+        block_size = default
+    elif not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
+        raise CompositionError(
+            f"low_bit_adamw: block_size must be a positive int, got {block_size!r} "
+            f"(default {default})."
+        )
+    sizes = [_local(p).numel() for p in _tensors(params)]
+    big = [n for n in sizes if n >= _MIN_QUANTIZED]
+    if any(n % block_size == 0 for n in big):
+        return
+    if not big:
+        raise CompositionError(
+            f"low_bit_adamw: no parameter has {_MIN_QUANTIZED} or more elements (largest: "
+            f"{max(sizes, default=0)}, on this rank), so torchao would keep fp32 moments for "
+            "all of them and save nothing. Use torch.optim.AdamW for a model this small."
+        )
+    raise CompositionError(
+        f"low_bit_adamw: block_size={block_size} divides the size of no parameter large enough "
+        f"to quantize (sizes: {sorted(set(big))[:5]}), so every moment would stay fp32. Use a "
+        f"block size that divides them, e.g. the default {default}."
+    )
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(p, "to_local", None)  # a DTensor: torchao quantizes the local shard
+    return to_local() if callable(to_local) else p
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

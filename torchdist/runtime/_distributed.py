@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import sys
+import time
 from collections.abc import Iterator
 
 import torch
@@ -27,6 +28,8 @@ from torchdist.errors import TopologyError
 from torchdist.topology import ALIASES, AXES, Topology
 
 __all__ = ["distributed", "as_timedelta"]
+
+_LEFT = "torchdist/left"  # in a rank-0-hosted store: how many ranks left its world
 
 
 def as_timedelta(timeout: float | datetime.timedelta) -> datetime.timedelta:
@@ -48,10 +51,12 @@ def distributed(
     """Bring up the process group and the named ``DeviceMesh``; yield the live topology.
 
     Communicates: the rendezvous (a TCP store hosted by rank 0, or torchrun's agent store, or the
-    ``store`` given), ``init_process_group`` on ``topo.backend``, and one sub-group per mesh axis
-    plus the flattened ``"dp"`` axis. On exit, also when the body raises, every group is destroyed
-    and released, and garbage still holding one is collected before this process next forks (see
-    ``torchdist/runtime/_forksafe.py``: a forked DataLoader worker must not be the one to free it).
+    ``store`` given; each world uses its own key prefix in it, so several ``distributed`` blocks
+    one after another in one job do not see each other's keys), ``init_process_group`` on
+    ``topo.backend``, and one sub-group per mesh axis plus the flattened ``"dp"`` axis. On exit,
+    also when the body raises, every group is destroyed and released, and garbage still holding
+    one is collected before this process next forks (see ``torchdist/runtime/_forksafe.py``: a
+    forked DataLoader worker must not be the one to free it).
 
     ``timeout`` bounds every collective: a rank that waits longer for its peers raises instead of
     hanging. A one-process topology needs no network (an in-memory store) but is still live, so
@@ -76,8 +81,12 @@ def distributed(
             "existing one with torch.distributed.destroy_process_group() first."
         )
     timeout = as_timedelta(timeout)
+    hosted = None  # the store rank 0 hosts for this block alone (no torchrun agent store)
     if store is None:
         store = _rendezvous_store(topo, timeout)
+        if topo.world_size > 1 and not topo.agent_store:
+            hosted = store
+    store = _world_store(store, topo.rank)
     excepthook = sys.excepthook  # init_process_group wraps it with a "[rankN]:" prefix
     device_id = topo.device if topo.device.type == "cuda" else None
     if device_id is not None:
@@ -90,15 +99,20 @@ def distributed(
         timeout=timeout,
         device_id=device_id,
     )
-    mesh = None
+    mesh, clean = None, False
     try:
         mesh = _build_mesh(topo)
         flattened = {alias: flatten_mesh(mesh, names, alias) for alias, names in ALIASES.items()}
         yield topo.replace(mesh=mesh, flattened=flattened)
+        clean = True
     finally:
         dist.destroy_process_group()
         if mesh is not None:
             release_mesh(mesh)  # the groups go now, not when the collector finds the mesh
+        mesh = store = None
+        if hosted is not None and clean:
+            _leave_hosted_store(hosted, topo, timeout)
+        hosted = None
         collect_before_next_fork()  # what still holds a group (a model's hooks) goes before a fork
         sys.excepthook = excepthook
 
@@ -108,21 +122,79 @@ def _rendezvous_store(topo: Topology, timeout: datetime.timedelta) -> torch.dist
 
     if topo.world_size == 1:
         return dist.HashStore()
+    hosted_by_rank0 = not topo.agent_store
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        try:
+            store = dist.TCPStore(
+                topo.master_addr,
+                topo.master_port,
+                topo.world_size,
+                is_master=topo.rank == 0 and hosted_by_rank0,
+                timeout=timeout,
+            )
+            # a store an earlier world checked out of (see _leave_hosted_store): rank 0 is about
+            # to close it and host a new one, so connect again
+            if not hosted_by_rank0 or topo.rank == 0 or not store.check([_LEFT]):
+                return store
+            del store
+        except (RuntimeError, OSError) as exc:
+            # the previous world's store closing under a rank that connected to it: retry
+            if not hosted_by_rank0 or topo.rank == 0 or time.monotonic() > deadline:
+                raise _unreachable(topo, exc) from exc
+        if time.monotonic() > deadline:
+            raise _unreachable(topo, TimeoutError("rank 0 still serves an earlier world's store"))
+        time.sleep(0.02)
+
+
+def _unreachable(topo: Topology, exc: BaseException) -> TopologyError:
+    role = "host" if topo.rank == 0 else "reach"
+    return TopologyError(
+        f"rank {topo.rank} could not {role} the rendezvous store at "
+        f"{topo.master_addr}:{topo.master_port}: {exc}. Check MASTER_ADDR/MASTER_PORT, "
+        "that the port is free on rank 0's host, and that every rank was started."
+    )
+
+
+def _leave_hosted_store(store, topo: Topology, timeout: datetime.timedelta) -> None:
+    """Check out of a rank-0-hosted store so that the next world on the same port meets a new one.
+
+    Without an agent, rank 0 hosts a new store on ``MASTER_PORT`` per world. Every rank adds
+    itself to ``torchdist/left``; rank 0 waits for all (bounded: ``timeout``, at most 60 s), then
+    drops its store and collects what may still hold it. A rank that connects while the old
+    store still listens sees ``torchdist/left`` there and connects again (``_rendezvous_store``).
+    Skipped when the body raised: a peer may be gone.
+    """
+    import gc
+    import time
+
+    deadline = time.monotonic() + min(timeout.total_seconds(), 60.0)
     try:
-        return dist.TCPStore(
-            topo.master_addr,
-            topo.master_port,
-            topo.world_size,
-            is_master=topo.rank == 0 and not topo.agent_store,
-            timeout=timeout,
-        )
-    except (RuntimeError, OSError) as exc:
-        role = "host" if topo.rank == 0 else "reach"
-        raise TopologyError(
-            f"rank {topo.rank} could not {role} the rendezvous store at "
-            f"{topo.master_addr}:{topo.master_port}: {exc}. Check MASTER_ADDR/MASTER_PORT, "
-            "that the port is free on rank 0's host, and that every rank was started."
-        ) from exc
+        store.add(_LEFT, 1)
+        while topo.rank == 0 and store.add(_LEFT, 0) < topo.world_size:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
+    except (RuntimeError, OSError):  # a peer's store went away first: nothing left to wait for
+        pass
+    del store
+    if topo.rank == 0:
+        gc.collect()  # a cycle (a model's hooks, a mesh) may still hold the server
+
+
+def _world_store(store: torch.distributed.Store, rank: int) -> torch.distributed.Store:
+    """This world's own view of ``store``: a ``PrefixStore`` keyed by the world's sequence number.
+
+    A store can outlive a world (torchrun's agent store lives as long as the job; a caller's
+    store may be reused): without a prefix, the second world's ranks read the first world's
+    keys (gloo addresses, group counters) and connect to sockets that are gone. Each rank counts
+    the worlds it entered on this store with its own counter, so the ranks agree on the number
+    without talking, as long as they enter the same sequence of worlds (which they must anyway).
+    """
+    import torch.distributed as dist
+
+    number = store.add(f"torchdist/worlds/rank{rank}", 1)
+    return dist.PrefixStore(f"torchdist/world{number}", store)
 
 
 def _build_mesh(topo: Topology) -> torch.distributed.device_mesh.DeviceMesh:

@@ -12,7 +12,12 @@ results in rank order. Both turn failure into an error the caller can read:
 this process), as notebook launchers do, so a function defined in a notebook or in ``__main__``
 runs; elsewhere it uses the ``spawn`` start method, which needs a picklable, importable ``fn``.
 Forked ranks run with one intra-op thread each (the parent's OpenMP pool does not survive a
-fork), as torchrun does by default; pass ``start_method="spawn"`` for more.
+fork), as torchrun does by default; pass ``start_method="spawn"`` for more. For the same reason a
+forked rank drops inductor's compile thread pool inherited from a parent that already ran
+``torch.compile`` (its first compile would otherwise wait forever). Every rank gets torchrun's
+environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
+``MASTER_PORT``), so libraries that read it (transformers' ``from_pretrained(tp_plan="auto")``)
+see the world they run in; ``in_process`` ranks share one environment and get none.
 Cost on a 2-core CPU machine: about 0.1 s (N=2) to 0.2 s (N=4) with fork, since the children
 inherit the imported torch; several seconds with the ``spawn`` start method.
 
@@ -57,7 +62,7 @@ from typing import Any
 
 import torch
 
-from torchdist._compat import install_thread_world
+from torchdist._compat import install_thread_world, reset_inductor_thread_pool
 from torchdist.errors import DistributedTimeoutError, RankError, TopologyError
 from torchdist.runtime._distributed import distributed
 from torchdist.topology import Topology
@@ -247,6 +252,12 @@ def _process_main(fn, topo, args, writer, timeout, debug, stacks_dir, forked) ->
         # The parent's OpenMP thread pool does not survive fork: a forked rank that runs a
         # parallel op hangs. One intra-op thread per rank, as torchrun sets by default.
         torch.set_num_threads(1)
+        # Nor does inductor's compile thread pool, once the parent has compiled: without this
+        # the rank's first torch.compile waits forever for the parent's (absent) threads.
+        reset_inductor_thread_pool()
+    # Look like a torchrun rank, so that libraries which read the environment (transformers'
+    # from_pretrained(tp_plan=...), Accelerate) see the world they run in.
+    os.environ.update(_torchrun_environment(topo))
     os.environ["TORCH_DISTRIBUTED_DEBUG"] = debug
     dist.set_debug_level(getattr(dist.DebugLevel, debug))
     stack_file = open(os.path.join(stacks_dir, f"rank{topo.rank}.txt"), "w")
@@ -275,6 +286,22 @@ def _process_main(fn, topo, args, writer, timeout, debug, stacks_dir, forked) ->
         payload = pickle.dumps(_Outcome(topo.rank, False, error, outcome.traceback, outcome.at))
     writer.send_bytes(payload)
     writer.close()
+
+
+def _torchrun_environment(topo: Topology) -> dict[str, str]:
+    """The variables torchrun sets for a rank on one host (not TORCHELASTIC_*: no agent runs)."""
+    return {
+        "WORLD_SIZE": str(topo.world_size),
+        "RANK": str(topo.rank),
+        "LOCAL_RANK": str(topo.local_rank),
+        "LOCAL_WORLD_SIZE": str(topo.world_size),
+        "GROUP_RANK": "0",
+        "GROUP_WORLD_SIZE": "1",
+        "ROLE_RANK": str(topo.rank),
+        "ROLE_WORLD_SIZE": str(topo.world_size),
+        "MASTER_ADDR": topo.master_addr,
+        "MASTER_PORT": str(topo.master_port),
+    }
 
 
 def _collect_processes(readers, procs, timeout: float, stacks_dir: str) -> dict[int, _Outcome]:

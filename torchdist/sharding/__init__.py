@@ -1,7 +1,8 @@
 """Model transforms that distribute a model: ``model -> model`` over an explicit mesh.
 
 The order that works, first to last: ``autocast_fp8`` -> ``parallelize`` ->
-``checkpoint_activations`` -> ``shard`` | ``replicate``. ``deepspeed`` (a ZeRO engine, returned
+``checkpoint_activations`` -> ``compile`` -> ``shard`` | ``replicate`` (enforced; see
+docs/model_transforms.md). ``deepspeed`` (a ZeRO engine, returned
 in a ``TrainState``) replaces ``shard``/``replicate``; it imports DeepSpeed only when called.
 """
 

@@ -1,4 +1,5 @@
-"""What the sharding transforms share: resolving the mesh they act on, and order checks."""
+"""What the sharding transforms share: resolving the mesh they act on; the order checks live in
+``torchdist._model_record`` (one phase per transform, one table of reasons)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,11 @@ from typing import Any
 
 import torch.nn as nn
 
-from torchdist.errors import CompositionError, ShardingError, TopologyError
-from torchdist.marks import applied
+from torchdist._model_record import MODEL_ORDER, check_order
+from torchdist.errors import ShardingError, TopologyError
 from torchdist.topology import Topology
 
-__all__ = ["resolve_mesh", "check_not_applied", "check_has_parameters"]
-
-# The order torchtitan uses and we enforce, innermost transform first.
-MODEL_ORDER = "autocast_fp8 -> parallelize -> checkpoint_activations -> shard | replicate"
+__all__ = ["resolve_mesh", "check_order", "check_has_parameters", "MODEL_ORDER"]
 
 
 def resolve_mesh(over: Any, axes: tuple[str, ...], *, transform: str):
@@ -39,14 +37,6 @@ def resolve_mesh(over: Any, axes: tuple[str, ...], *, transform: str):
         over._axis_names(axis)  # unknown axis -> TopologyError naming the axes
     used = tuple(a for a in axes if over.size(a) > 1) or axes[-1:]
     return over.mesh[used] if len(used) > 1 else over.submesh(used[0])
-
-
-def check_not_applied(model: nn.Module, transform: str, conflicts: dict[str, str]) -> None:
-    """Raise ``CompositionError`` if a transform in ``conflicts`` was already applied."""
-    for name in applied(model):
-        if name in conflicts:
-            raise CompositionError(f"{transform} after {name}: {conflicts[name]} The order that "
-                                   f"works, first to last: {MODEL_ORDER}.")  # fmt: skip
 
 
 def check_has_parameters(model: nn.Module, transform: str) -> None:

@@ -20,16 +20,9 @@ import torch.nn as nn
 from torchdist._compat import composable_replicate
 from torchdist.errors import ShardingError
 from torchdist.marks import mark
-from torchdist.sharding._common import check_has_parameters, check_not_applied, resolve_mesh
+from torchdist.sharding._common import check_has_parameters, check_order, resolve_mesh
 
 __all__ = ["replicate"]
-
-_CONFLICTS = {
-    "shard": "a sharded model already syncs its gradients; apply shard or replicate, not both.",
-    "replicate": "the model is already replicated.",
-    "deepspeed": "DeepSpeed already syncs this model's gradients.",
-}
-
 
 def replicate(model: nn.Module, mesh: Any, *, bucket_mb: float = 25.0) -> nn.Module:
     """Make ``model`` data-parallel over ``mesh`` (a live Topology's ``"dp"`` axis, or a 1-D mesh).
@@ -46,7 +39,7 @@ def replicate(model: nn.Module, mesh: Any, *, bucket_mb: float = 25.0) -> nn.Mod
     from torch.nn.parallel import DistributedDataParallel
 
     check_has_parameters(model, "replicate")
-    check_not_applied(model, "replicate", _CONFLICTS)
+    check_order(model, "replicate")
     if isinstance(model, DistributedDataParallel):
         raise ShardingError("replicate: the model is already a DistributedDataParallel module.")
     dp_mesh = resolve_mesh(mesh, ("dp",), transform="replicate")
@@ -56,4 +49,4 @@ def replicate(model: nn.Module, mesh: Any, *, bucket_mb: float = 25.0) -> nn.Mod
             "the topology (its 'dp' axis is used) or one axis of the mesh."
         )
     composable_replicate(model, process_group=dp_mesh.get_group(), bucket_cap_mb=bucket_mb)
-    return mark(model, "replicate")
+    return mark(model, "replicate", options={"bucket_mb": bucket_mb}, mesh=dp_mesh)

@@ -73,7 +73,7 @@ import torch.nn as nn
 
 from torchdist.errors import CompositionError, TopologyError
 from torchdist.marks import applied, data_parallel_owner, deepspeed_engine, mark
-from torchdist.sharding._common import check_has_parameters, check_not_applied
+from torchdist.sharding._common import check_has_parameters, check_order
 from torchdist.state import TrainState
 from torchdist.topology import Topology
 
@@ -81,14 +81,6 @@ __all__ = ["deepspeed", "deepspeed_config", "consolidated"]
 
 _INSTALL = "pip install 'torchdist[deepspeed]'"
 
-_CONFLICTS = {
-    "shard": "the model is already sharded with FSDP2; use DeepSpeed's ZeRO stage or shard, "
-    "not both.",
-    "replicate": "the model is already replicated (DDP); DeepSpeed syncs gradients itself.",
-    "parallelize": "DeepSpeed does not compose with DTensor tensor parallelism.",
-    "deepspeed": "the model is already a DeepSpeed engine's module.",
-    "msamp": "MS-AMP's fp8 layers are not supported under this DeepSpeed transform.",
-}
 _DTYPES = {torch.float32: None, torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -240,7 +232,7 @@ def deepspeed(
     forward and backward. All over the default (world) process group, gloo or NCCL.
     """
     check_has_parameters(model, "deepspeed")
-    check_not_applied(model, "deepspeed", _CONFLICTS)
+    check_order(model, "deepspeed")
     if deepspeed_engine(model) is not None:
         raise CompositionError("deepspeed: the model is already a DeepSpeed engine.")
     owner = data_parallel_owner(model)
@@ -275,8 +267,10 @@ def deepspeed(
         config=cfg,
         dist_init_required=False,
     )
-    mark(engine, "deepspeed")
-    mark(engine.module, "deepspeed")  # the wrapped module refuses shard/replicate/deepspeed too
+    options = {"zero_stage": zero_stage, "micro_batch_size": micro_batch_size,
+               "accumulation": accumulation, "clip": clip, "dtype": dtype}  # fmt: skip
+    mark(engine, "deepspeed", options=options)
+    mark(engine.module, "deepspeed", options=options)  # the module refuses shard etc. too
     return TrainState(model=engine, optimizer=engine.optimizer, scheduler=lr_scheduler)
 
 
@@ -308,7 +302,7 @@ def _import_deepspeed(topo: Topology) -> Any:
         import deepspeed as ds
     except ImportError as exc:
         raise ImportError(
-            f"torchdist.sharding._deepspeed needs DeepSpeed, which is not installed ({exc}). "
+            f"torchdist.sharding.deepspeed needs DeepSpeed, which is not installed ({exc}). "
             f"Install it with: {_INSTALL}"
         ) from exc
     from deepspeed.accelerator import get_accelerator
@@ -328,7 +322,7 @@ def _engine(model: Any) -> Any:
     engine = deepspeed_engine(model)
     if engine is None:
         raise CompositionError(
-            f"expected a DeepSpeed engine (TrainState.model after torchdist.sharding._deepspeed), "
+            f"expected a DeepSpeed engine (TrainState.model after torchdist.sharding.deepspeed), "
             f"got {type(model).__name__}."
         )
     return engine

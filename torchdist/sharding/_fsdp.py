@@ -23,7 +23,7 @@ import torch.nn as nn
 from torchdist.blocks import BlockSpec, find_blocks
 from torchdist.errors import ShardingError
 from torchdist.marks import applied, mark
-from torchdist.sharding._common import check_has_parameters, check_not_applied, resolve_mesh
+from torchdist.sharding._common import check_has_parameters, check_order, resolve_mesh
 
 __all__ = ["shard", "MixedPrecision", "materialize", "is_sharded"]
 
@@ -47,15 +47,6 @@ class MixedPrecision:
             output_dtype=self.output_dtype,
             cast_forward_inputs=self.cast_forward_inputs,
         )
-
-
-_CONFLICTS = {
-    "shard": "the model is already sharded; apply shard once, to the whole model.",
-    "replicate": "a replicated (DDP) model cannot also be sharded; choose one of them.",
-    "deepspeed": "DeepSpeed already partitions this model; use its ZeRO stage instead.",
-    "msamp": "MS-AMP replaced the Linear layers with its own fp8 ones and has no FSDP2 support; "
-    "for shard use autocast_fp8 + low_bit_adamw.",
-}
 
 
 def shard(
@@ -89,7 +80,7 @@ def shard(
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
     check_has_parameters(model, "shard")
-    check_not_applied(model, "shard", _CONFLICTS)
+    check_order(model, "shard")
     if isinstance(model, FSDPModule):
         raise ShardingError(
             "shard: the model is already an FSDPModule (fully_shard was applied outside "
@@ -116,7 +107,9 @@ def shard(
     fully_shard(
         model, **{**kwargs, "reshard_after_forward": False if units else reshard_after_forward}
     )
-    return mark(model, "shard")
+    options = {"blocks": tuple(n for n, _ in units), "reshard_after_forward": reshard_after_forward,
+               "mixed_precision": mixed_precision, "offload": offload}  # fmt: skip
+    return mark(model, "shard", options=options, mesh=dp_mesh)
 
 
 def materialize(
@@ -125,6 +118,7 @@ def materialize(
     *,
     init: Callable[[nn.Module], Any] | None = None,
     full_state_dict: dict[str, torch.Tensor] | None = None,
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Give a model built on the meta device (and usually sharded) real storage, then initialise.
 
@@ -133,12 +127,21 @@ def materialize(
     random inits of DTensors draw from torch's distributed RNG) or ``full_state_dict`` — the full,
     unsharded weights, needed on rank 0 only — is scattered so each rank keeps its shards.
 
+    Non-persistent buffers (in no state dict: HF's rotary ``inv_freq``) are re-initialised first:
+    from ``buffers`` (name -> value), else the value they had if not on meta, else their module's
+    ``reset_buffers()``/``reset_parameters()`` or the HF model's ``_init_weights``; one that none
+    of these sets is a ``ShardingError`` naming it (see ``torchdist/sharding/_buffers.py``).
+
     Communicates: with ``full_state_dict``, a broadcast from rank 0 of each tensor (each rank
     keeps its slice); with ``init``, whatever the initialiser does.
     """
+    from torchdist.sharding._buffers import restore_non_persistent, snapshot_non_persistent
+
     if (init is None) == (full_state_dict is None):
         raise ShardingError("materialize needs exactly one of init= or full_state_dict=.")
+    saved = snapshot_non_persistent(model)
     model.to_empty(device=device)
+    restore_non_persistent(model, saved, buffers)
     if init is not None:
         with torch.no_grad():
             init(model)

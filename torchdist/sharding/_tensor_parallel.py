@@ -9,6 +9,10 @@ The plan maps fnmatch patterns over module names (``"blocks.*.mlp.up"``) to a st
 * ``"embedding"``: split an Embedding's table by rows (vocabulary); outputs are summed.
 * ``"output"``: a colwise LM head whose logits are gathered back to full size.
 * any ``torch.distributed.tensor.parallel.ParallelStyle`` for anything else.
+* Hugging Face's names (``colwise_gather_output``, ``embedding_rowwise``, ``rowwise_rep``, ...),
+  so a HF model's own ``model.tp_plan`` works as is; see ``_tp_styles.py`` for the mapping and
+  the styles refused (MoE, MLA, fused projections). ``nn.Linear``/``nn.Embedding`` only: GPT-2's
+  ``Conv1D`` is refused with what to do instead.
 
 Parameters become DTensors on the ``tp`` mesh; their names are unchanged. A model whose forward
 reshapes by a head count must use the local head count (``heads // tp``), as in torchtitan.
@@ -25,43 +29,10 @@ import torch.nn as nn
 
 from torchdist.errors import ShardingError
 from torchdist.marks import mark
-from torchdist.sharding._common import check_has_parameters, check_not_applied, resolve_mesh
+from torchdist.sharding._common import check_has_parameters, check_order, resolve_mesh
+from torchdist.sharding._tp_styles import STYLES, check_plan_modules, resolve_plan
 
 __all__ = ["parallelize", "STYLES"]
-
-STYLES = ("colwise", "rowwise", "sequence", "embedding", "output")
-
-_CONFLICTS = {
-    "shard": "tensor parallelism must be applied before FSDP (tp inside, dp_shard outside).",
-    "replicate": "tensor parallelism must be applied before replicate.",
-    "parallelize": "the model is already tensor-parallel; put every pattern in one plan.",
-    "deepspeed": "DeepSpeed does not compose with DTensor tensor parallelism.",
-}
-
-
-def _style(name: str | Any):
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        ParallelStyle,
-        RowwiseParallel,
-        SequenceParallel,
-    )
-
-    if isinstance(name, ParallelStyle):
-        return name
-    styles = {
-        "colwise": lambda: ColwiseParallel(),
-        "rowwise": lambda: RowwiseParallel(),
-        "sequence": lambda: SequenceParallel(),
-        "embedding": lambda: RowwiseParallel(input_layouts=Replicate()),
-        "output": lambda: ColwiseParallel(output_layouts=Replicate()),
-    }
-    if name not in styles:
-        raise ShardingError(
-            f"parallelize: unknown style {name!r}; use one of {list(STYLES)} or a ParallelStyle."
-        )
-    return styles[name]()
 
 
 def parallelize(model: nn.Module, mesh: Any, plan: Mapping[str, str | Any]) -> nn.Module:
@@ -79,7 +50,7 @@ def parallelize(model: nn.Module, mesh: Any, plan: Mapping[str, str | Any]) -> n
     from torch.distributed.tensor.parallel import parallelize_module
 
     check_has_parameters(model, "parallelize")
-    check_not_applied(model, "parallelize", _CONFLICTS)
+    check_order(model, "parallelize")
     if not plan:
         raise ShardingError("parallelize: the plan is empty; map module-name patterns to styles.")
     names = [name for name, _ in model.named_modules() if name]
@@ -97,5 +68,8 @@ def parallelize(model: nn.Module, mesh: Any, plan: Mapping[str, str | Any]) -> n
             f"parallelize needs a 1-D tensor-parallel mesh, got {tp_mesh.ndim}-D "
             f"{tp_mesh.mesh_dim_names}; pass the topology (its 'tp' axis) or topo.mesh['tp']."
         )
-    parallelize_module(model, tp_mesh, {pattern: _style(style) for pattern, style in plan.items()})
-    return mark(model, "parallelize")
+    resolved = resolve_plan(plan)
+    check_plan_modules(model, resolved)
+    if resolved:  # empty when every entry is HF's "replicate"
+        parallelize_module(model, tp_mesh, resolved)
+    return mark(model, "parallelize", options={"plan": dict(plan)}, mesh=tp_mesh)

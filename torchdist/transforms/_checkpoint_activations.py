@@ -8,7 +8,8 @@ parameter names are unchanged.
 * ``policy="selective"``: keep the outputs of matmuls and attention (the expensive ops) and
   recompute the cheap element-wise ones, as torchtitan's op-level selective checkpointing does.
 
-Apply after ``parallelize`` and before ``shard`` (torchtitan's order: TP, AC, compile, FSDP).
+Apply after ``parallelize`` and before ``compile`` and ``shard`` (torchtitan's order: TP, AC,
+compile, FSDP).
 """
 
 from __future__ import annotations
@@ -22,12 +23,9 @@ from torchdist._compat import composable_checkpoint
 from torchdist.blocks import BlockSpec, find_blocks
 from torchdist.errors import ShardingError
 from torchdist.marks import mark
-from torchdist.sharding._common import check_has_parameters, check_not_applied
+from torchdist.sharding._common import check_has_parameters, check_order
 
 __all__ = ["checkpoint_activations"]
-
-_CONFLICTS = {"checkpoint_activations": "activations of this model are already checkpointed."}
-
 
 def _save_expensive_ops():
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
@@ -64,8 +62,10 @@ def checkpoint_activations(
             f"checkpoint_activations: unknown policy {policy!r}; use 'full' or 'selective'."
         )
     check_has_parameters(model, "checkpoint_activations")
-    check_not_applied(model, "checkpoint_activations", _CONFLICTS)
+    check_order(model, "checkpoint_activations")
     kwargs = {} if policy == "full" else {"context_fn": functools.partial(_save_expensive_ops)}
-    for _, block in find_blocks(model, blocks, transform="checkpoint_activations", required=True):
+    found = find_blocks(model, blocks, transform="checkpoint_activations", required=True)
+    for _, block in found:
         composable_checkpoint(block, **kwargs)
-    return mark(model, "checkpoint_activations")
+    options = {"policy": policy, "blocks": tuple(n for n, _ in found)}
+    return mark(model, "checkpoint_activations", options=options)

@@ -15,11 +15,10 @@ from typing import Any
 
 import torch
 
-from torchdist.errors import CompositionError, StepError
-from torchdist.marks import deepspeed_engine
-from torchdist.state import StepFn, TrainState
-from torchdist.transforms._autocast import unscale_grads
-from torchdist.transforms._composition import Phase, StepTransform
+from torchdist.errors import StepError
+from torchdist.state import TrainState
+from torchdist.transforms import _loss_scale
+from torchdist.transforms._composition import Context, Layer, Phase, StepTransform
 
 __all__ = ["clip_grads", "global_grad_norm", "clip_by_norm"]
 
@@ -68,37 +67,41 @@ def clip_grads(max_norm: float, norm_type: float = 2.0) -> StepTransform:
     """Scale gradients so their global ``norm_type``-norm is at most ``max_norm``.
 
     Reports the norm before clipping as ``metrics["grad_norm"]`` (a tensor, no host sync).
-    Communicates: see ``global_grad_norm``. On a DeepSpeed engine the engine clips (its
-    ``gradient_clipping`` must equal ``max_norm``) and ``optimize`` reports its norm.
+    Communicates: see ``global_grad_norm``. Under ``accumulate(k)`` it acts (and reports) on the
+    window's last call only. On a DeepSpeed engine the engine clips (its ``gradient_clipping``
+    must equal ``max_norm``, checked when the step is bound) and its norm is reported.
 
     Example::
 
         step = compose(optimize(opt), clip_grads(1.0), sync_grads(topo))(value_and_grad(loss_fn))
         state, metrics = step(state, batch)          # metrics["grad_norm"]
     """
-    if max_norm <= 0:
-        raise StepError(f"clip_grads(max_norm) needs a positive max_norm, got {max_norm}.")
+    try:
+        valid = not isinstance(max_norm, (str, bool)) and 0 < float(max_norm) < math.inf
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise StepError(
+            f"clip_grads(max_norm) needs a finite number > 0, got {max_norm!r} "
+            "(nan would turn every weight into nan, inf clips nothing: leave clip_grads out)."
+        )
+    if not (isinstance(norm_type, (int, float)) and norm_type > 0):
+        raise StepError(f"clip_grads(norm_type) needs a number > 0 or math.inf, got {norm_type!r}.")
 
-    def wrap(inner: StepFn, info: dict) -> StepFn:
-        info.update(max_norm=max_norm, norm_type=norm_type)
-
-        def step(state: TrainState, batch: Any):
-            engine = deepspeed_engine(state.model)
-            if engine is not None:  # the engine clips inside engine.step(); optimize reports
-                if engine.gradient_clipping() != max_norm:
-                    raise CompositionError(
-                        f"clip_grads({max_norm}) on a DeepSpeed engine that clips at "
-                        f"{engine.gradient_clipping()}; build it with "
-                        f"torchdist.sharding._deepspeed(..., clip={max_norm})."
-                    )
-                return inner(state, batch)
-            state, metrics = inner(state, batch)
-            state = unscale_grads(state)
+    def wrap(inner: Layer, inner_names: tuple[str, ...]) -> Layer:
+        def layer(state: TrainState, batch: Any, ctx: Context):
+            state, metrics, outcome = inner(state, batch, ctx)
+            if not outcome.update:  # mid-window: the gradient is not complete yet
+                return state, metrics, outcome
+            scaler = state.scaler
+            if scaler is not None and outcome.found_inf is None:
+                outcome = outcome.replace(found_inf=_loss_scale.unscale(state.model, scaler))
             params = [p for p in state.model.parameters() if p.grad is not None]
             norm = global_grad_norm(params, norm_type)
             clip_by_norm(params, max_norm, norm)
-            return state, {**metrics, "grad_norm": norm.detach()}
+            return state, {**metrics, "grad_norm": norm.detach()}, outcome
 
-        return step
+        return layer
 
-    return StepTransform("clip_grads", Phase.CLIP, wrap)
+    info = {"max_norm": max_norm, "norm_type": norm_type}
+    return StepTransform("clip_grads", Phase.CLIP, wrap, info=info)

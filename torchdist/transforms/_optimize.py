@@ -6,29 +6,41 @@ from typing import Any
 
 import torch
 
-from torchdist.errors import CompositionError
-from torchdist.marks import after_optimizer_step_hooks, deepspeed_engine
-from torchdist.state import StepFn, TrainState
-from torchdist.transforms._autocast import unscale_grads, update_scale
-from torchdist.transforms._composition import Phase, StepTransform
+from torchdist.errors import CompositionError, ConfigError, StepError
+from torchdist.marks import after_optimizer_step_hooks
+from torchdist.state import TrainState
+from torchdist.transforms import _loss_scale
+from torchdist.transforms._composition import Context, Layer, Phase, StepTransform
 
-__all__ = ["optimize"]
+__all__ = ["optimize", "check_optimizer_covers_model"]
+
+_NONFINITE = ("raise", "skip", "allow")
 
 
 def optimize(
-    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    *,
+    nonfinite: str = "raise",
 ) -> StepTransform:
     """After the inner step: ``optimizer.step()``, ``zero_grad(set_to_none=True)``, scheduler.
 
     ``optimizer``/``scheduler`` default to the ones in the ``TrainState``. The scheduler steps
-    exactly once per applied optimizer step — once per process, not once per rank. With fp16
-    loss scaling, a step whose gradients hold inf/nan is skipped together with the scheduler,
-    the scale backs off, and ``metrics["skipped"]`` says so (this one check syncs with the host).
-    Hooks that model transforms registered (e.g. fp8 dynamic-scale precompute) run after every
-    applied step. ``TrainState.step`` is incremented.
+    exactly once per applied optimizer step. Under ``accumulate(k)`` nothing happens on the
+    first ``k - 1`` calls of a window (the gradients keep adding up). With fp16 loss scaling a
+    step whose gradients hold inf/nan is skipped together with the scheduler, the scale backs
+    off, and ``metrics["skipped"]`` says so. Hooks that model transforms registered (fp8 scale
+    precompute) run after every applied step.
 
-    On a DeepSpeed engine the step is ``engine.step()`` (which also clips and zeroes); the
-    engine's clipped norm is reported as ``metrics["grad_norm"]``.
+    ``nonfinite`` decides what a non-finite loss or gradient norm does (outside fp16, where the
+    loss scale handles overflows): ``"raise"`` (default) leaves the weights untouched and raises
+    ``StepError`` naming the step and the value; ``"skip"`` skips the update and reports
+    ``metrics["skipped"]``; ``"allow"`` steps anyway (no host sync). The check reads one flag
+    from the device per applied step.
+
+    When the step is bound (``step.init``) it checks that the optimizer holds exactly the
+    model's trainable parameters: one built before ``shard``, or that misses a trainable
+    parameter, is a ``CompositionError`` naming them.
 
     Communicates nothing itself (a sharded optimizer's step is local to each shard).
 
@@ -36,37 +48,50 @@ def optimize(
 
         step = compose(optimize(opt, scheduler), clip_grads(1.0))(value_and_grad(loss_fn))
     """
+    if nonfinite not in _NONFINITE:
+        raise ConfigError(f"optimize(nonfinite=) takes one of {_NONFINITE}, got {nonfinite!r}.")
 
-    checked: set[tuple[int, int]] = set()
+    def resolve(state: TrainState) -> torch.optim.Optimizer:
+        opt = optimizer if optimizer is not None else state.optimizer
+        if opt is None:
+            raise CompositionError(
+                "optimize() has no optimizer: pass one, optimize(opt), or put it in "
+                "TrainState(model, optimizer=opt)."
+            )
+        if state.optimizer is not None and opt is not state.optimizer:
+            raise CompositionError(
+                "optimize(opt) was given a different optimizer than TrainState.optimizer; "
+                "checkpoints would save the wrong one. Pass the same object, or leave one out."
+            )
+        return opt
 
-    def wrap(inner: StepFn, info: dict) -> StepFn:
-        def step(state: TrainState, batch: Any):
-            opt = optimizer if optimizer is not None else state.optimizer
+    def init(state: TrainState) -> None:
+        from torchdist.marks import deepspeed_engine
+
+        if deepspeed_engine(state.model) is None:
+            check_optimizer_covers_model(resolve(state), state.model)
+        return None
+
+    def wrap(inner: Layer, inner_names: tuple[str, ...]) -> Layer:
+        def layer(state: TrainState, batch: Any, ctx: Context):
+            opt = resolve(state)
             sched = scheduler if scheduler is not None else state.scheduler
-            if opt is None:
-                raise CompositionError(
-                    "optimize() has no optimizer: pass one, optimize(opt), or put it in "
-                    "TrainState(model, optimizer=opt)."
-                )
-            if state.optimizer is not None and opt is not state.optimizer:
-                raise CompositionError(
-                    "optimize(opt) was given a different optimizer than TrainState.optimizer; "
-                    "checkpoints would save the wrong one. Pass the same object, or leave one out."
-                )
-            engine = deepspeed_engine(state.model)
-            if engine is None and (id(opt), id(state.model)) not in checked:
-                _check_optimizer_holds_model_parameters(opt, state.model)
-                checked.add((id(opt), id(state.model)))
-            state, metrics = inner(state, batch)
-            if engine is not None:
-                return _engine_step(engine, state, metrics, sched)
+            state, metrics, outcome = inner(state, batch, ctx)
+            if not outcome.update:  # mid-window: keep accumulating
+                return state, metrics, outcome
             skipped = False
-            if state.scaler is not None:
-                state = unscale_grads(state)
-                found_inf = state.context.found_inf
+            scaler = state.scaler
+            if scaler is not None:
+                found_inf = outcome.found_inf
+                if found_inf is None:
+                    found_inf = _loss_scale.unscale(state.model, scaler)
                 skipped = bool(found_inf.item())
                 metrics = {**metrics, "skipped": found_inf.detach() > 0}
-                state = state.replace(scaler=update_scale(state.scaler, found_inf))
+                state = state.with_transform_state("autocast", _loss_scale.update(scaler, found_inf))
+            elif nonfinite != "allow":
+                skipped = _nonfinite(metrics, state, nonfinite)
+                if nonfinite == "skip":
+                    metrics = {**metrics, "skipped": torch.tensor(skipped)}
             if not skipped:
                 opt.step()
                 if sched is not None:
@@ -74,41 +99,55 @@ def optimize(
                 for hook in after_optimizer_step_hooks(state.model):
                     hook()
             opt.zero_grad(set_to_none=True)
-            ctx = state.context.replace(found_inf=None)
-            return state.replace(step=state.step + 1, context=ctx), metrics
+            return state, metrics, outcome
 
-        return step
+        return layer
 
-    return StepTransform("optimize", Phase.OPTIMIZE, wrap)
+    info = {"nonfinite": nonfinite, "scheduler": scheduler}
+    return StepTransform("optimize", Phase.OPTIMIZE, wrap, init, info=info)
 
 
-def _check_optimizer_holds_model_parameters(
-    opt: torch.optim.Optimizer, model: torch.nn.Module
-) -> None:
-    """An optimizer built before ``shard`` (or after a forward that left FSDP's parameters
-    unsharded) holds tensors the model no longer trains: it would silently step nothing."""
+def _nonfinite(metrics: Any, state: TrainState, mode: str) -> bool:
+    """Whether the loss or the gradient norm is not finite; raises for ``mode == "raise"``."""
+    watched = {k: metrics[k] for k in ("loss", "grad_norm") if k in metrics}
+    if not watched:
+        return False
+    values = torch.stack([v.detach().float().reshape(()).to(v.device) for v in watched.values()])
+    if bool(torch.isfinite(values).all()):
+        return False
+    if mode == "raise":
+        found = ", ".join(f"{k}={float(v):g}" for k, v in watched.items())
+        raise StepError(
+            f"step {state.step}: {found} is not finite; the update was not applied, so the "
+            "weights are still those of the previous step. Lower the learning rate, clip "
+            "gradients (clip_grads), check the data of this batch, or pass "
+            "optimize(..., nonfinite='skip') to skip such steps and count them."
+        )
+    return True
+
+
+def check_optimizer_covers_model(opt: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+    """Raise ``CompositionError`` unless ``opt`` holds exactly ``model``'s trainable parameters.
+
+    An optimizer built before ``shard`` holds tensors the model no longer trains (it would step
+    nothing); a trainable parameter missing from it would never be updated while its gradient
+    grew without end and skewed ``clip_grads``'s norm. Freeze it (``requires_grad_(False)``) or
+    add it to the optimizer.
+    """
     current = {id(p) for p in model.parameters()}
-    stale = sum(1 for group in opt.param_groups for p in group["params"] if id(p) not in current)
+    held = {id(p) for group in opt.param_groups for p in group["params"]}
+    stale = len(held - current)
     if stale:
         raise CompositionError(
             f"the optimizer holds {stale} tensor(s) that are not parameters of the model being "
             "trained. Build the optimizer after the model transforms (shard, replicate, "
             "parallelize, autocast_fp8) and before any forward pass, from model.parameters()."
         )
-
-
-def _engine_step(engine: Any, state: TrainState, metrics: Any, scheduler: Any):
-    """DeepSpeed's step: optimizer (at the accumulation boundary), clipping, zeroing, its loss
-    scale. A scheduler handed to ``optimize`` steps when the engine applied its update."""
-    engine.step()
-    applied = engine.was_step_applied()
-    if applied:
-        if scheduler is not None and scheduler is not engine.lr_scheduler:
-            scheduler.step()
-        for hook in after_optimizer_step_hooks(state.model):
-            hook()
-    metrics = {**metrics, "skipped": torch.tensor(not applied)}
-    norm = engine.get_global_grad_norm() if engine.gradient_clipping() else None
-    if norm is not None:
-        metrics["grad_norm"] = torch.as_tensor(float(norm))
-    return state.replace(step=state.step + 1), metrics
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CompositionError(
+            f"{len(missing)} trainable parameter(s) are not in the optimizer: {shown}. They "
+            "would never be updated, and their never-zeroed gradients would grow and skew "
+            "clip_grads. Add them to the optimizer, or freeze them with requires_grad_(False)."
+        )

@@ -11,10 +11,11 @@ every bucket is waited on and each ``param.grad`` becomes a view of its bucket (
 
 On a model that already averages its gradients (``shard``, ``replicate``, DDP, FSDP2, a
 DeepSpeed engine) or a single data-parallel rank, ``sync_grads`` steps aside: it logs why once
-and records it in ``step.info["sync_grads"]["steps_aside"]``. It never averages twice.
+and records it in its state, ``state.transforms["sync_grads"].steps_aside``, when the step is
+bound to the state (``step.init``). It never averages twice.
 
-Hooks are registered on the model's parameters on the first step and act only inside this step
-function (and not on micro-steps that ``accumulate`` marks as such). Tensor-parallel parameters
+Hooks are registered on the model's parameters by ``init`` and act only inside this step
+function (and not on micro-steps that ``accumulate`` pauses). Tensor-parallel parameters
 (DTensors on a mesh without the data-parallel axes) are averaged through their local tensors.
 """
 
@@ -30,13 +31,13 @@ from typing import Any
 import torch
 
 from torchdist.collectives import Axis, resolve_group
-from torchdist.errors import TopologyError
+from torchdist.errors import ConfigError
 from torchdist.marks import data_parallel_owner
-from torchdist.state import StepFn, TrainState
+from torchdist.state import TrainState
 from torchdist.topology import Topology
-from torchdist.transforms._composition import Phase, StepTransform
+from torchdist.transforms._composition import Context, Layer, Phase, StepTransform
 
-__all__ = ["sync_grads", "GradSync"]
+__all__ = ["sync_grads", "GradSync", "SyncGradsState"]
 
 log = logging.getLogger("torchdist.transforms")
 
@@ -65,8 +66,8 @@ class _Bucket:
 class GradSync:
     """Bucketed, overlapped gradient averaging of one model over one process group.
 
-    The hooks it registers hold it only weakly; when it is garbage (its step function is gone)
-    they are removed, so rebuilding a step over the same model does not pile up hooks.
+    The hooks it registers hold it only weakly; when it is garbage (no ``TrainState`` holds it
+    any more) they are removed, so rebuilding a step over the same model does not pile up hooks.
     """
 
     def __init__(
@@ -84,6 +85,7 @@ class GradSync:
                        for i, p in enumerate(bucket.params)}  # fmt: skip
         self._active = False
         self._paused = False
+        self.was_paused = False
         self._next = 0
         me = weakref.ref(self)
 
@@ -102,6 +104,7 @@ class GradSync:
             bucket.work = None
         self._next = 0
         self._active = True
+        self.was_paused = False
 
     def finish(self) -> None:
         """Launch what the backward did not, wait for everything, install the averaged grads."""
@@ -122,6 +125,7 @@ class GradSync:
     def paused(self) -> Iterator[None]:
         """No communication from the hooks in the body (an accumulation micro-step)."""
         self._paused = True
+        self.was_paused = True
         try:
             yield
         finally:
@@ -207,6 +211,21 @@ def _bucket(
     return buckets
 
 
+@dataclass(frozen=True)
+class SyncGradsState:
+    """What ``sync_grads`` decided for a model: the axis, why it steps aside (or None), and the
+    bucketed engine that averages when it does not. Nothing here is checkpointed: it is derived
+    from the model and the topology again on resume."""
+
+    axis: Axis
+    steps_aside: str | None
+    buckets: int = 0
+    engine: GradSync | None = field(default=None, repr=False, compare=False)
+
+    def report(self) -> dict[str, Any]:
+        return {"steps_aside": self.steps_aside} if self.steps_aside else {"buckets": self.buckets}
+
+
 def sync_grads(
     topo: Topology, *, bucket_mb: float = 25.0, first_bucket_mb: float = 1.0, axis: Axis = "dp"
 ) -> StepTransform:
@@ -216,52 +235,52 @@ def sync_grads(
     ``"dp"`` = ``dp_replicate x dp_shard``), launched from gradient hooks during the backward,
     in the gradients' dtype; all waited on before the step returns. The first bucket (the last
     layers' gradients, ready first) holds at most ``first_bucket_mb``, as DDP's does, so the
-    first all-reduce starts early in the backward.
+    first all-reduce starts early in the backward. Its decision for a model (``steps_aside``,
+    ``buckets``) is ``state.transforms["sync_grads"]`` once ``step.init(state)`` ran.
 
     Example::
 
         step = compose(optimize(opt), clip_grads(1.0), sync_grads(topo))(value_and_grad(loss_fn))
+        state = step.init(td.TrainState(model, opt))
+        state.transforms["sync_grads"].steps_aside      # None, or why it does nothing
     """
-    if bucket_mb <= 0:
-        raise TopologyError(f"bucket_mb must be positive, got {bucket_mb}.")
+    if not bucket_mb > 0 or not first_bucket_mb > 0:
+        raise ConfigError(
+            f"bucket_mb and first_bucket_mb must be positive, got {bucket_mb} and "
+            f"{first_bucket_mb}."
+        )
     bucket_bytes = int(bucket_mb * 2**20)
     first_bucket_bytes = min(int(first_bucket_mb * 2**20), bucket_bytes)
-    syncs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def wrap(inner: StepFn, info: dict) -> StepFn:
-        info["axis"] = axis
-        info["bucket_mb"] = bucket_mb
+    def init(state: TrainState) -> SyncGradsState:
+        reason = data_parallel_owner(state.model)
+        if reason is None and topo.size(axis) == 1:
+            reason = f"the {axis!r} axis has one rank: there is nothing to average"
+        if reason is not None:
+            log.info("sync_grads steps aside: %s.", reason)
+            return SyncGradsState(axis, reason)
+        group = resolve_group(topo, axis)
+        engine = GradSync(state.model, group, bucket_bytes, first_bucket_bytes)
+        return SyncGradsState(axis, None, len(engine.buckets), engine)
 
-        def setup(model: torch.nn.Module) -> GradSync | None:
-            reason = data_parallel_owner(model)
-            if reason is None and topo.size(axis) == 1:
-                reason = f"the {axis!r} axis has one rank: there is nothing to average"
-            if reason is not None:
-                info["steps_aside"] = reason
-                log.info("sync_grads steps aside: %s.", reason)
-                return None
-            sync = GradSync(model, resolve_group(topo, axis), bucket_bytes, first_bucket_bytes)
-            info["buckets"] = len(sync.buckets)
-            return sync
-
-        def step(state: TrainState, batch: Any):
-            if state.model not in syncs:
-                syncs[state.model] = setup(state.model)
-            sync = syncs[state.model]
+    def wrap(inner: Layer, inner_names: tuple[str, ...]) -> Layer:
+        def layer(state: TrainState, batch: Any, ctx: Context):
+            sync = state.transforms["sync_grads"].engine
             if sync is None:
-                return inner(state, batch)
+                return inner(state, batch, ctx)
             sync.begin()
             try:
-                new_state, metrics = inner(
-                    state.replace(context=state.context.replace(grad_sync=sync)), batch
-                )
-                sync.finish()
+                state, metrics, outcome = inner(state, batch, ctx.replace(grad_sync=sync))
+                if sync.was_paused:  # an accumulation micro-step: nothing was launched
+                    sync.abort()
+                else:
+                    sync.finish()
             except BaseException:
                 sync.abort()
                 raise
-            ctx = new_state.context.replace(grad_sync=state.context.grad_sync)
-            return new_state.replace(context=ctx), metrics
+            return state, metrics, outcome
 
-        return step
+        return layer
 
-    return StepTransform("sync_grads", Phase.SYNC, wrap)
+    info = {"axis": axis, "bucket_mb": bucket_mb, "first_bucket_mb": first_bucket_mb}
+    return StepTransform("sync_grads", Phase.SYNC, wrap, init, info=info)

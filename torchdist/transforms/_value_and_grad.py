@@ -9,16 +9,15 @@ from typing import Any
 import torch
 
 from torchdist.errors import StepError
-from torchdist.marks import deepspeed_engine
-from torchdist.state import StepFn, TrainState
-from torchdist.transforms._composition import Phase, step_function
+from torchdist.state import TrainState
+from torchdist.transforms._composition import Base, Context, Outcome, Step
 
-__all__ = ["value_and_grad"]
+__all__ = ["value_and_grad", "split_loss", "metrics_of"]
 
 
 def value_and_grad(
     loss_fn: Callable[[torch.nn.Module, Any], Any], *, has_aux: bool = False
-) -> StepFn:
+) -> Step:
     """The base step function: ``loss = loss_fn(model, batch)``, then ``loss.backward()``.
 
     ``loss_fn`` knows nothing about ranks. With ``has_aux=True`` it returns ``(loss, aux)`` and
@@ -28,7 +27,8 @@ def value_and_grad(
     (``accumulate``) and fp16 loss scale (``autocast``). The forward runs under the autocast
     dtype ``autocast`` set, the backward outside it, as torch recommends.
 
-    On a DeepSpeed engine (``torchdist.sharding._deepspeed``) the backward is ``engine.backward``.
+    On a DeepSpeed engine (``torchdist.sharding.deepspeed``) the step runs on the engine instead
+    (``torchdist/transforms/_deepspeed_step.py``): the backward is ``engine.backward``.
 
     Communicates nothing itself; gradient hooks placed by ``sync_grads``/``shard``/``replicate``
     (or DeepSpeed's ZeRO) communicate during the backward.
@@ -42,38 +42,38 @@ def value_and_grad(
         state, metrics = value_and_grad(loss_fn)(state, batch)   # metrics["loss"]
     """
 
-    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
-        ctx = state.context
+    def layer(state: TrainState, batch: Any, ctx: Context) -> tuple[TrainState, Any, Outcome]:
         if ctx.autocast_dtype is not None:
-            device_type = _device_type(state.model)
-            forward = torch.autocast(device_type, dtype=ctx.autocast_dtype)
+            forward = torch.autocast(_device_type(state.model), dtype=ctx.autocast_dtype)
         else:
             forward = contextlib.nullcontext()
         with forward:
             out = loss_fn(state.model, batch)
-        loss, aux = _split(out, has_aux)
-        engine = deepspeed_engine(state.model)
-        if engine is not None:
-            # DeepSpeed divides by its gradient_accumulation_steps (== accumulate's n, checked
-            # there) and applies its own loss scale.
-            engine.backward(loss)
+        loss, aux = split_loss(out, has_aux)
+        scaled = loss * ctx.loss_multiplier if ctx.loss_multiplier != 1.0 else loss
+        if ctx.loss_scale is not None:
+            scaled = scaled.float() * ctx.loss_scale
+        scaled.backward()
+        return state, metrics_of(loss, aux), _DONE
+
+    return Step(Base(loss_fn, has_aux, layer))
+
+
+_DONE = Outcome()
+
+
+def metrics_of(loss: torch.Tensor, aux: Any) -> dict[str, Any]:
+    """``{"loss": loss}`` and the user's ``aux`` merged in (a dict) or under ``"aux"``."""
+    metrics: dict[str, Any] = {"loss": loss.detach()}
+    if aux is not None:
+        if isinstance(aux, dict):
+            metrics.update(aux)
         else:
-            scaled = loss * ctx.loss_multiplier if ctx.loss_multiplier != 1.0 else loss
-            if ctx.loss_scale is not None:
-                scaled = scaled.float() * ctx.loss_scale
-            scaled.backward()
-        metrics: dict[str, Any] = {"loss": loss.detach()}
-        if aux is not None:
-            if isinstance(aux, dict):
-                metrics.update(aux)
-            else:
-                metrics["aux"] = aux
-        return state, metrics
-
-    return step_function(step, (("value_and_grad", Phase.BASE),), {"value_and_grad": {}})
+            metrics["aux"] = aux
+    return metrics
 
 
-def _split(out: Any, has_aux: bool) -> tuple[torch.Tensor, Any]:
+def split_loss(out: Any, has_aux: bool) -> tuple[torch.Tensor, Any]:
     if has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
             raise StepError(
