@@ -10,10 +10,14 @@ composed step ``compose(optimize(opt))(value_and_grad(loss_fn))``, AdamW, fp32, 
 
 Cold start: each variant in its own fresh interpreter with an empty inductor cache
 (``TORCHINDUCTOR_CACHE_DIR`` in a new temporary folder), so no variant profits from another's
-compiled graphs: the wall time of the first step (the compile) and of the next ``--steps``.
+compiled graphs: the wall time of the first step (the compile), its CPU time (one compile
+thread; this process and the C++ compiler runs it waits for: what the compile costs whatever else
+runs on the machine), and the
+mean of the next ``--steps``.
 Steady state: all four in one process, compiled once, then ``--rounds`` rounds of ``--steps``
 steps each, the order rotating every round; per-step medians and the median of per-round ratios
-against eager. torchdist's ``compile`` is reached through ``apply_compile`` only, which works
+against eager, in wall time and in the process's CPU time (steadier on a shared machine).
+torchdist's ``compile`` is reached through ``apply_compile`` only, which works
 whether ``compile`` is a model transform (``compile(model, **kw)``) or a step transform.
 
 Not a test: it prints and never asserts.
@@ -98,22 +102,32 @@ def make(variant: str, args: argparse.Namespace):
     return one
 
 
+def _cpu_with_children() -> float:
+    """CPU seconds of this process and its finished children (inductor's C++ compiler runs)."""
+    import resource
+
+    usage = (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
 def cold(variant: str, args: argparse.Namespace) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     one = make(variant, args)
     built = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_with_children()
     loss = one()
-    first = time.perf_counter() - t0
+    first, first_cpu = time.perf_counter() - t0, _cpu_with_children() - c0
     t0 = time.perf_counter()
     for _ in range(args.steps):
         one()
     rest = (time.perf_counter() - t0) / args.steps
-    return {"build": built, "first": first, "next": rest, "loss": loss}
+    return {"build": built, "first": first, "first_cpu": first_cpu, "next": rest, "loss": loss}
 
 
-def steady(args: argparse.Namespace) -> dict[str, list[float]]:
+def steady(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per-round seconds per step of each variant: wall time, and this process's CPU time (one
+    thread: it moves far less than wall time when other processes compete for the cores)."""
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     steps = {v: make(v, args) for v in VARIANTS}
@@ -121,13 +135,16 @@ def steady(args: argparse.Namespace) -> dict[str, list[float]]:
         for _ in range(2):
             one()
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(args.rounds):
         for v in VARIANTS[r % 4 :] + VARIANTS[: r % 4]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 steps[v]()
-            times[v].append((time.perf_counter() - t0) / args.steps)
-    return times
+            c1, t1 = time.process_time(), time.perf_counter()
+            times[v].append((t1 - t0) / args.steps)
+            cpu[v].append((c1 - c0) / args.steps)
+    return times, cpu
 
 
 def main() -> None:
@@ -137,7 +154,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cold", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -149,7 +166,8 @@ def main() -> None:
           f"batch {args.batch}, AdamW fp32, {args.threads} thread(s), "
           f"torch {torch.__version__}")  # fmt: skip
     print("  cold start (fresh interpreter, empty inductor cache each):")
-    print(f"  {'variant':<13}{'build s':>9}{'first step s':>14}{'next steps ms':>15}{'loss':>9}")
+    print(f"  {'variant':<13}{'build s':>9}{'first step s':>14}{'(its CPU s)':>13}"
+          f"{'next steps ms':>15}{'loss':>9}")  # fmt: skip
     for v in VARIANTS:
         with tempfile.TemporaryDirectory(prefix="td-compile-bench-") as cache:
             # One compile thread: the cold start of one process, not of a worker pool.
@@ -161,16 +179,20 @@ def main() -> None:
             print(f"  {v:<13}failed: {out.stderr.strip().splitlines()[-1:]}")
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"  {v:<13}{r['build']:>9.2f}{r['first']:>14.2f}{r['next'] * 1e3:>15.2f}"
+        print(f"  {v:<13}{r['build']:>9.2f}{r['first']:>14.2f}{r['first_cpu']:>13.2f}"
+              f"{r['next'] * 1e3:>15.2f}"
               f"{r['loss']:>9.4f}")  # fmt: skip
-    times = steady(args)
+    times, cpu = steady(args)
     med = statistics.median
-    print(f"  steady state ({args.rounds} interleaved rounds x {args.steps} steps, one process):")
+    print(f"  steady state ({args.rounds} interleaved rounds x {args.steps} steps, one process; "
+          "median of per-round ratios to eager, wall and CPU time):")  # fmt: skip
     for v in VARIANTS:
         ratios = [a / b for a, b in zip(times[v], times["eager"])]
+        cpu_ratios = [a / b for a, b in zip(cpu[v], cpu["eager"])]
         print(f"  {v:<13}{med(times[v]) * 1e3:>9.2f} ms/step  (min-max {min(times[v]) * 1e3:.2f}-"
-              f"{max(times[v]) * 1e3:.2f}); vs eager {med(ratios):.3f} "
-              f"(rounds {min(ratios):.3f}-{max(ratios):.3f})")  # fmt: skip
+              f"{max(times[v]) * 1e3:.2f}); vs eager: wall {med(ratios):.3f} "
+              f"(rounds {min(ratios):.3f}-{max(ratios):.3f}), cpu {med(cpu_ratios):.3f} "
+              f"(rounds {min(cpu_ratios):.3f}-{max(cpu_ratios):.3f})")  # fmt: skip
 
 
 if __name__ == "__main__":

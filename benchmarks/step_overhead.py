@@ -234,10 +234,12 @@ def rank_main(topo: td.Topology, args: argparse.Namespace) -> dict[str, Any] | N
     step_c = compose(optimize(opt_c), sync_grads(topo, bucket_mb=args.bucket_mb))(
         value_and_grad(loss_fn)
     )
+    state_b = step_b.init(td.TrainState(model_b, opt_b))
+    state_c = step_c.init(td.TrainState(model_c, opt_c))
     variants = [
         Variant("(a) hand-written DDP", hand_written(model_a, opt_a), data),
-        Variant("(b) compose + sync_grads", composed(step_b, td.TrainState(model_b, opt_b)), data),
-        Variant("(c) compose on replicated", composed(step_c, td.TrainState(model_c, opt_c)), data),
+        Variant("(b) compose + sync_grads", composed(step_b, state_b), data),
+        Variant("(c) compose on replicated", composed(step_c, state_c), data),
     ]
     for variant in variants:
         variant.run(args.warmup)
@@ -260,8 +262,8 @@ def rank_main(topo: td.Topology, args: argparse.Namespace) -> dict[str, Any] | N
         "wall": wall_t.tolist(),
         "cpu": cpu_t.tolist(),
         "how_c": how_c,
-        "sync_b": dict(step_b.info["sync_grads"]),
-        "sync_c": dict(step_c.info["sync_grads"]),
+        "sync_b": step_b.report(state_b)["sync_grads"],
+        "sync_c": step_c.report(state_c)["sync_grads"],
         "diffs": diffs,
         "params": sum(p.numel() for p in model_b.parameters()),
     }

@@ -7,12 +7,19 @@ the step is composed inline.
 The layout comes from the topology the script is launched with (``--mesh`` of
 ``torchdist launch``, read by ``Topology.from_env``), and each axis larger than 1 gets the
 transform that uses it: ``tp`` -> ``parallelize``, ``dp_shard`` -> ``shard`` (HSDP with
-``dp_replicate``), ``dp_replicate`` alone -> ``replicate``. ``--parallel`` picks one by hand; an
-axis that nothing uses is an error (``torchdist._axes.check_axes_used``).
+``dp_replicate``), ``dp_replicate`` alone -> ``replicate``, ``pp`` -> ``pipeline`` (and the
+step runs its schedule), ``cp`` -> ``context_parallel`` (ring attention: CUDA only, see
+docs/parallelism.md). ``--parallel`` picks them by hand (``pp``, or ``shard,tp,pp``); an axis
+that nothing uses is an error (``torchdist._axes.check_axes_used``).
 
 Run on 4 CPU ranks, FSDP2 x tensor parallel::
 
     torchdist launch -n 4 --mesh dp_shard=2,tp=2 examples/train_gpt.py --steps 100
+
+on 8, FSDP2 x tensor x pipeline parallel (2 each; ``--pp-schedule Interleaved1F1B --layers 4``
+for 2 stages per rank)::
+
+    torchdist launch -n 8 examples/train_gpt.py --parallel shard,tp,pp --steps 100
 
 on 2 ranks (what `just demo` does), or on one process: ``python examples/train_gpt.py``.
 """
@@ -81,11 +88,19 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab, bias=False)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        # A pipeline stage holds some blocks; only the first has the embeddings, only the last
+        # the head (torchdist.sharding.pipeline sets the others to None). context_parallel
+        # passes the global positions of this rank's tokens.
+        if self.tok is not None:
+            if positions is None:
+                positions = torch.arange(idx.shape[1], device=idx.device)
+            x = self.tok(idx) + self.pos(positions)
+        else:
+            x = idx  # a later stage: the activations of the stage before
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x))
+        return self.head(self.norm(x)) if self.head is not None else x
 
 
 def load_corpus() -> torch.Tensor:
@@ -108,20 +123,52 @@ class Windows(torch.utils.data.Dataset):
 
 
 def loss_fn(model: nn.Module, batch) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    x, y, *positions = batch  # context_parallel appends the positions of this rank's tokens
+    return F.cross_entropy(model(x, *positions).flatten(0, 1), y.flatten())
+
+
+def stage_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The pipeline's loss: the last stage's output against the targets."""
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+PARALLEL = ("auto", "shard", "replicate", "tp", "sync", "pp", "cp")
+
+
+def parallel_arg(text: str) -> str:
+    parts = text.split(",")
+    bad = [p for p in parts if p not in PARALLEL]
+    if bad or (len(parts) > 1 and {"auto", "sync"} & set(parts)):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give one of {PARALLEL} or a combination of shard/replicate/tp/pp/cp "
+            "such as shard,tp,pp"
+        )
+    return text
 
 
 def layout(parallel: str, topo: td.Topology) -> tuple[str, ...]:
-    """The model transforms each mesh axis > 1 needs (``auto``), or the one ``--parallel`` names."""
+    """The model transforms each mesh axis > 1 needs (``auto``), or those ``--parallel`` names."""
     if parallel != "auto":
-        return () if parallel == "sync" else (parallel,)
+        return () if parallel == "sync" else tuple(parallel.split(","))
     chosen = ("tp",) if topo.tp > 1 else ()
+    chosen += ("pp",) if topo.pp > 1 else ()
+    chosen += ("cp",) if topo.cp > 1 else ()
     if topo.dp_shard > 1:
         chosen += ("shard",)  # HSDP when dp_replicate > 1 too
     elif topo.dp_replicate > 1:
         chosen += ("replicate",)
     return chosen
+
+
+def default_axes(parallel: str) -> dict[str, int]:
+    """Mesh axes for ``--parallel`` without a launch mesh."""
+    parts = parallel.split(",")
+    if len(parts) == 1:
+        return {"tp": {"tp": -1}, "pp": {"pp": -1, "dp_shard": 1}, "cp": {"cp": -1, "dp_shard": 1},
+                "replicate": {"dp_replicate": -1, "dp_shard": 1}}.get(parallel, {})  # fmt: skip
+    axes = {axis: 2 for axis in ("tp", "pp", "cp") if axis in parts}
+    fill = "dp_replicate" if "replicate" in parts else "dp_shard"
+    return {**axes, fill: -1, **({"dp_shard": 1} if fill == "dp_replicate" else {})}
 
 
 def build_step(args, topo: td.Topology, model: nn.Module):
@@ -137,6 +184,10 @@ def build_step(args, topo: td.Topology, model: nn.Module):
         model = autocast_fp8(model, Float8Recipe.tensorwise())
         td.print0(topo, f"fp8 layers: {', '.join(converted_layers(model))}")
     chosen = layout(args.parallel, topo)
+    if "pp" in chosen:  # right after fp8: the later transforms act on this rank's stage
+        from torchdist.sharding import pipeline
+
+        model = pipeline(model, topo, schedule=args.pp_schedule)
     if "tp" in chosen:
         model = parallelize(model, topo, TP_PLAN)
     if args.checkpoint_activations:
@@ -148,7 +199,8 @@ def build_step(args, topo: td.Topology, model: nn.Module):
     elif "replicate" in chosen:
         model = replicate(model, topo)
     # An axis > 1 that nothing uses would make its ranks repeat each other's work.
-    check_axes_used(topo, model, what="train_gpt.py", uses=("sync_grads",))
+    uses = ("sync_grads",) + (("context_parallel",) if "cp" in chosen else ())
+    check_axes_used(topo, model, what="train_gpt.py", uses=uses)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
@@ -157,9 +209,19 @@ def build_step(args, topo: td.Topology, model: nn.Module):
     transforms = [optimize(opt, sched), clip_grads(1.0), sync_grads(topo)]
     if args.accumulate > 1:
         transforms.append(accumulate(args.accumulate))
+    if "cp" in chosen:
+        from torchdist.transforms import context_parallel
+
+        transforms.append(context_parallel(topo))
     if args.precision in ("bf16", "fp8"):
         transforms.append(autocast(torch.bfloat16))
-    step = compose(*transforms)(value_and_grad(loss_fn))
+    if "pp" in chosen:
+        from torchdist.transforms import pipeline_value_and_grad
+
+        base = pipeline_value_and_grad(stage_loss, microbatches=args.microbatches)
+    else:
+        base = value_and_grad(loss_fn)
+    step = compose(*transforms)(base)
     return model, opt, sched, step
 
 
@@ -171,13 +233,22 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--parallel", choices=("auto", "shard", "replicate", "tp", "sync"),
-                        default="auto", help="auto: what the launch mesh's axes need; or shard "
-                        "(FSDP2), replicate (DDP), tp (tensor parallel), sync (plain model + "
-                        "sync_grads)")  # fmt: skip
+    parser.add_argument("--parallel", type=parallel_arg, default="auto",
+                        help="auto: what the launch mesh's axes need; or shard (FSDP2), "
+                        "replicate (DDP), tp (tensor parallel), pp (pipeline), cp (context "
+                        "parallel), sync (plain model + sync_grads), or a combination such as "
+                        "shard,tp,pp")  # fmt: skip
+    parser.add_argument("--pp-schedule", default="1F1B",
+                        help="a torch.distributed.pipelining schedule: GPipe, 1F1B, "
+                        "Interleaved1F1B, ZBVZeroBubble, ...")  # fmt: skip
+    parser.add_argument("--microbatches", type=int, default=2,
+                        help="pipeline micro-batches per step (must divide the per-rank batch)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="fp32",
                         help="fp8: torchao float8 matmuls, bf16 elsewhere")  # fmt: skip
-    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--accumulate", type=int, default=1,
+                        help="k: one --batch per step call, the optimizer steps every k-th call "
+                        "(Accelerate's gradient_accumulation_steps); --steps counts "
+                        "calls")  # fmt: skip
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--checkpoint-activations", action="store_true")
     parser.add_argument("--checkpoint-dir", default="", help="save here; resume from the newest")
@@ -190,12 +261,11 @@ def main() -> None:
     args = parser.parse_args()
 
     # The launch mesh (torchdist launch --mesh, TORCHDIST_MESH) wins; without one, --parallel
-    # tp / replicate put the whole world on that axis.
+    # tp / replicate / pp / cp put the whole world on that axis, and a combination gives each
+    # of its tp, pp and cp axes 2 ranks and dp the rest.
     axes = {}
     if not os.environ.get("TORCHDIST_MESH"):
-        axes = {"tp": {"tp": -1}, "replicate": {"dp_replicate": -1, "dp_shard": 1}}.get(
-            args.parallel, {}
-        )
+        axes = default_axes(args.parallel)
     topo = td.Topology.from_env(device="cpu", **axes)
     with td.distributed(topo) as topo:
         print(f"rank {topo.rank}: world {topo.world_size}, mesh {topo.axes}", flush=True)
@@ -219,12 +289,16 @@ def main() -> None:
         batches, last, start = _forever(loader), None, time.perf_counter()
         for i in bar:
             state, metrics = step(state, next(batches))
-            if (i + 1) % args.log_every == 0 or i + 1 == args.steps:
+            # With --accumulate k, a call closes an update every k-th batch; grad_norm is
+            # reported on those calls only, so log there.
+            updated = bool(metrics.get("update", True))
+            if updated and ((i + 1) % args.log_every == 0 or i + 1 == args.steps):
                 if logger is not None:  # reduced over "dp" only when logged; the row on rank 0
                     last = logger.log(i + 1, metrics)
                 else:
                     last = {k: float(v) for k, v in td.all_reduce(
-                        metrics, topo, op="mean", axis="dp").items()}  # fmt: skip
+                        {k: v.float() for k, v in metrics.items()}, topo, op="mean",
+                        axis="dp").items()}  # fmt: skip
                 if last is not None:
                     bar.log(loss=last["loss"], grad_norm=last["grad_norm"])
             if ckpt is not None and (

@@ -35,8 +35,11 @@ def test_an_unused_axis_is_an_error_naming_it_and_its_transform():
     check_axes_used(Topology(world_size=4, dp_shard=2, tp=2), _model("shard", "parallelize"))
 
 
-@pytest.mark.parametrize("axis", ["pp", "cp"])
-def test_pp_and_cp_have_no_transform_yet(axis):
+@pytest.mark.parametrize(("axis", "fix"), [("pp", r"pipeline\(model"), ("cp", "context_parallel")])
+def test_pp_and_cp_need_their_transform(axis, fix):
     topo = Topology(world_size=2, dp_shard=1, **{axis: 2})
-    with pytest.raises(TopologyError, match=f"{axis}=2 .*no .*-parallel transform"):
+    with pytest.raises(TopologyError, match=f"{axis}=2 .*{fix}"):
         check_axes_used(topo, _model("shard", "parallelize"), uses=("sync_grads",))
+    used = ("pipeline",) if axis == "pp" else ()
+    steps = ("sync_grads",) + (() if used else ("context_parallel",))
+    check_axes_used(topo, _model(*used), uses=steps)

@@ -67,3 +67,18 @@ def test_apply_compile_compiles_through_torchdist_whichever_kind_compile_is():
     x = torch.randn(2, 4)
     torch.testing.assert_close(compiled(x), model(x))
     assert callable(T.compile)
+
+
+def test_gpu_acceptance_budget_skips_rows_and_nothing_measured_is_not_accepted(capsys):
+    """A spent budget skips every row, names why, and a run that measured no parity fails."""
+    acceptance = _load("bench_gpu_acceptance", "benchmarks/gpu/acceptance.py")
+    threads = torch.get_num_threads()
+    try:
+        rc = acceptance.main(["--cpu", "--budget-s", "-1", "--recipes", "bf16"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    rows = [line for line in out.splitlines() if line.startswith("bf16 ") and "parity" not in line]
+    assert len(rows) == 4 and all("skipped: time budget" in row for row in rows), out
+    assert "not measured" in out and "NOT ACCEPTED" in out, out

@@ -47,7 +47,8 @@ def _launch_args(**changes):
 
     args = dict(
         nproc=None, nnodes=1, node_rank=0, master_addr="", master_port=29500, max_restarts=0,
-        mesh="", script=__file__, script_args=["--x", "1"],
+        mesh="", script=__file__, script_args=["--x", "1"], timeout=600.0, rdzv_timeout=600.0,
+        rdzv_id="torchdist",
     )  # fmt: skip
     return argparse.Namespace(**{**args, **changes})
 
@@ -56,7 +57,7 @@ def test_launch_command_says_what_it_chose_and_passes_the_mesh():
     cmd, env, said = launch_command(_launch_args(mesh="dp_shard=1"))
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--nproc-per-node=1"]
     assert "--standalone" in cmd and cmd[-3:] == [__file__, "--x", "1"]
-    assert env == {"TORCHDIST_MESH": "dp_shard=1"}
+    assert env == {"TORCHDIST_MESH": "dp_shard=1", "TORCHDIST_TIMEOUT": "600"}
     assert "no GPU" in said and "world 1" in said
     multi = _launch_args(nproc=4, nnodes=2, master_addr="10.0.0.1", mesh="dp_shard=4,tp=2")
     cmd, _, said = launch_command(multi)

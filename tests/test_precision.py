@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import subprocess
 import sys
 
 import pytest
@@ -44,14 +43,8 @@ def hide_torchao(monkeypatch) -> None:
 
 
 # --------------------------------------------------------------------------- recipes
-def test_import_does_not_load_torchao():
-    code = (
-        "import sys, torchdist, torchdist.precision as p; p.Float8Recipe.rowwise(); "
-        "print([m for m in sys.modules if m.split('.')[0] in ('torchao', 'msamp', "
-        "'transformer_engine')])"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+# That importing torchdist.precision (and building a recipe) loads no torchao, msamp or
+# transformer_engine is checked in test_import_light.py, in the one interpreter it shares.
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -160,7 +153,7 @@ def test_twice_raises_naming_the_order():
     model = autocast_fp8(build_gpt())
     with pytest.raises(
         td.CompositionError,
-        match=r"after autocast_fp8.*apply autocast_fp8 once.*autocast_fp8 -> parallelize",
+        match=r"after autocast_fp8.*apply autocast_fp8 once.*autocast_fp8 -> pipeline -> parallelize",
     ):
         autocast_fp8(model, Float8Recipe.rowwise())
     assert converted_layers(model) == DEFAULT_FP8_LAYERS  # unchanged
@@ -198,7 +191,7 @@ def test_after_shard_raises_naming_the_order():
         model = td.sharding.shard(build_gpt(), topo)
         with pytest.raises(
             td.CompositionError,
-            match=r"after shard.*autocast_fp8 -> parallelize -> checkpoint_activations -> "
+            match=r"after shard.*autocast_fp8 -> pipeline -> parallelize -> checkpoint_activations -> "
             r"compile -> shard",
         ):
             autocast_fp8(model)

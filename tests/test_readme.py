@@ -137,6 +137,6 @@ def test_readme_launch_line_works_end_to_end(tmp_path):
     assert result.returncode == 0, output[-3000:]
     assert "mesh dp_shard=2,tp=2" in result.stderr and "world 4" in result.stderr
     assert "training: tp, shard" in output and "final loss" in output
-    meshes = set(re.findall(r"rank \d: world 4, mesh (\{.*\})", output))
+    meshes = set(re.findall(r"rank \d: world 4, mesh (\{[^}]*\})", output))  # lines interleave
     assert meshes == {"{'pp': 1, 'dp_replicate': 1, 'dp_shard': 2, 'cp': 1, 'tp': 2}"}
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from torchdist._progress import progress
 from torchdist.collectives import (
     all_reduce,
     broadcast,
@@ -20,12 +21,16 @@ from torchdist.collectives import (
     pad_across_ranks,
 )
 from torchdist.control import (
+    all_ranks,
+    any_rank,
     barrier,
+    find_executable_batch_size,
     is_main,
     main_first,
     print0,
     set_seed,
     split_between_ranks,
+    stop_at_shortest,
     sync_rng,
 )
 from torchdist.errors import (
@@ -42,7 +47,6 @@ from torchdist.errors import (
 )
 from torchdist.metrics import MetricsLogger
 from torchdist.placement import to_device
-from torchdist._progress import progress
 from torchdist.runtime import distributed, in_process, spawn
 from torchdist.state import LossScale, TrainState
 from torchdist.topology import Topology
@@ -74,6 +78,10 @@ __all__ = [
     "barrier",
     "print0",
     "split_between_ranks",
+    "any_rank",
+    "all_ranks",
+    "find_executable_batch_size",
+    "stop_at_shortest",
     "set_seed",
     "sync_rng",
     "TorchdistError",

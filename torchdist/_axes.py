@@ -12,10 +12,12 @@ shard          dp_shard, dp_replicate      HSDP when both are > 1
 replicate      dp_replicate, dp_shard      DDP over the flattened ``"dp"`` axis
 deepspeed      dp_replicate, dp_shard      ZeRO over the data-parallel ranks
 parallelize    tp                          tensor parallel over a plan
+pipeline       pp                          this rank's stages; the step runs the schedule
+context_par..  cp                          a step transform: pass it in ``uses``
 sync_grads     dp_replicate, dp_shard      a step transform: pass it in ``uses``
 =============  ==========================  =========================================
 
-``pp`` and ``cp`` have no transform yet, so either one > 1 is always an error.
+``cp`` is used by the ``context_parallel`` step transform: pass it in ``uses``.
 
 Communicates nothing (reads the topology's sizes and the model's marks).
 
@@ -44,6 +46,8 @@ USES: dict[str, tuple[str, ...]] = {
     "deepspeed": _DP,
     "sync_grads": _DP,
     "parallelize": ("tp",),
+    "pipeline": ("pp",),
+    "context_parallel": ("cp",),
 }
 
 #: what to apply for an axis that nothing uses
@@ -51,16 +55,23 @@ _FIX = {
     "dp_shard": "shard(model, topo) (FSDP2), or replicate / sync_grads(topo)",
     "dp_replicate": "replicate(model, topo) (DDP), or shard(model, topo) for HSDP",
     "tp": "parallelize(model, topo, plan) (tensor parallel)",
-    "pp": "nothing yet: torchdist has no pipeline-parallel transform; use pp=1",
-    "cp": "nothing yet: torchdist has no context-parallel transform; use cp=1",
+    "pp": "pipeline(model, topo, schedule=...) with pipeline_value_and_grad (pipeline parallel)",
+    "cp": "the context_parallel(topo) step transform (pass uses=('context_parallel',))",
 }
 
 
 def unused_axes(topo: Topology, model: Any, *, uses: Iterable[str] = ()) -> tuple[str, ...]:
     """Axes of ``topo`` larger than 1 that no transform applied to ``model`` (or named in
     ``uses``, e.g. ``("sync_grads",)``) uses, in mesh order. Communicates nothing."""
+    from torchdist._distribution import distribution_of
+
     names = set(applied(model)) | set(uses)
     used = {axis for name in names for axis in USES.get(name, ())}
+    found = distribution_of(model)  # raw torch too: fully_shard, DDP, parallelize_module
+    if found.data_parallel is not None:
+        used.update(_DP)
+    if found.tp_mesh is not None:
+        used.add("tp")
     return tuple(axis for axis in AXES if topo.size(axis) > 1 and axis not in used)
 
 

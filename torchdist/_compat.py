@@ -20,6 +20,9 @@ __all__ = [
     "dcp_metadata_path",
     "composable_replicate",
     "composable_checkpoint",
+    "amp_unscale_",
+    "amp_update_scale_",
+    "foreach_copy_",
 ]
 
 # Only one in-process world can swap torch's process-group registry at a time. This lock is the
@@ -171,3 +174,21 @@ def dcp_metadata_path(reader, rank):
     private in 2.13): torchdist reads that file itself, with an unpickler that accepts only DCP's
     metadata classes."""
     return reader._get_metadata_path(rank)
+
+
+def amp_unscale_(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor):
+    """Multiply ``grads`` by ``inv_scale`` in place and set ``found_inf`` if any is not finite:
+    ``torch._amp_foreach_non_finite_check_and_unscale_``, the fused kernel ``GradScaler`` uses
+    (no public equivalent in 2.13)."""
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+
+
+def amp_update_scale_(scale, tracker, found_inf, growth: float, backoff: float, interval: int):
+    """``GradScaler``'s in-place scale update, ``torch._amp_update_scale_`` (no public
+    equivalent in 2.13): back off after an overflow, grow after ``interval`` clean steps."""
+    torch._amp_update_scale_(scale, tracker, found_inf, growth, backoff, interval)
+
+
+def foreach_copy_(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """``torch._foreach_copy_``: one fused copy of many tensors (DDP's bucketing uses it)."""
+    torch._foreach_copy_(targets, sources)

@@ -1,6 +1,6 @@
 """The model-transform protocol: one phase per transform, one table of reasons, one record.
 
-Every model transform (``autocast_fp8``, ``msamp_initialize``, ``parallelize``,
+Every model transform (``autocast_fp8``, ``msamp_initialize``, ``pipeline``, ``parallelize``,
 ``checkpoint_activations``, ``compile``, ``shard``, ``replicate``, ``deepspeed``) calls
 ``check_order(model, name)`` before it touches the model and ``record(model, name, ...)`` after;
 nothing else writes what was applied. See docs/model_transforms.md. Communicates nothing.
@@ -34,16 +34,18 @@ class ModelPhase(enum.IntEnum):
     """Where a model transform sits in torchtitan's order; lower phases are applied first."""
 
     PRECISION = 0  # autocast_fp8, msamp: must see the plain nn.Linear layers
-    TENSOR_PARALLEL = 1  # parallelize: turns weights into DTensors on the tp mesh
-    ACTIVATIONS = 2  # checkpoint_activations: wraps blocks for recomputation
-    COMPILE = 3  # compile: traces the blocks as they now are
-    DATA_PARALLEL = 4  # shard | replicate | deepspeed: owns gradient sync, outermost
+    PIPELINE = 1  # pipeline: keeps this rank's stage; the rest act on the stage (torchtitan)
+    TENSOR_PARALLEL = 2  # parallelize: turns weights into DTensors on the tp mesh
+    ACTIVATIONS = 3  # checkpoint_activations: wraps blocks for recomputation
+    COMPILE = 4  # compile: traces the blocks as they now are
+    DATA_PARALLEL = 5  # shard | replicate | deepspeed: owns gradient sync, outermost
 
 
 PHASES: Mapping[str, ModelPhase] = types.MappingProxyType(
     {
         "autocast_fp8": ModelPhase.PRECISION,
         "msamp": ModelPhase.PRECISION,
+        "pipeline": ModelPhase.PIPELINE,
         "parallelize": ModelPhase.TENSOR_PARALLEL,
         "checkpoint_activations": ModelPhase.ACTIVATIONS,
         "compile": ModelPhase.COMPILE,
@@ -54,8 +56,8 @@ PHASES: Mapping[str, ModelPhase] = types.MappingProxyType(
 )
 
 MODEL_ORDER = (
-    "autocast_fp8 -> parallelize -> checkpoint_activations -> compile -> shard | replicate | "
-    "deepspeed (msamp_initialize in autocast_fp8's place)"
+    "autocast_fp8 -> pipeline -> parallelize -> checkpoint_activations -> compile -> shard | "
+    "replicate | deepspeed (msamp_initialize in autocast_fp8's place)"
 )
 
 _FP8_FIRST = "float8 conversion must see the plain nn.Linear layers"
@@ -96,6 +98,16 @@ REASONS: Mapping[tuple[str, str], str] = types.MappingProxyType(
         ("msamp", "compile"): "the blocks are already compiled; call msamp_initialize first.",
         ("msamp", "deepspeed"): "DeepSpeed already owns this model; enable MS-AMP in the "
         'DeepSpeed config ("msamp": {"enabled": true, "opt_level": ...}) instead.',
+        # -- pipeline: splits the plain model; every later transform acts on this rank's stage
+        ("pipeline", "pipeline"): "the model is already split into pipeline stages; give one "
+        "pipeline() call all the stages.",
+        ("pipeline", "deepspeed"): "a DeepSpeed engine owns this model's forward and backward; "
+        "torchdist's pipeline runs torch.distributed.pipelining schedules instead.",
+        ("deepspeed", "pipeline"): "a DeepSpeed engine owns forward and backward, but a "
+        "pipelined model is run by a torch.distributed.pipelining schedule; use shard.",
+        ("replicate", "pipeline"): "a pipeline schedule runs several micro-batches' forwards "
+        "before their backwards, which DDP's reducer cannot follow; average the stages' "
+        "gradients with sync_grads(topo), or shard them with shard(model, topo).",
         # -- tensor parallel
         ("parallelize", "parallelize"): "the model is already tensor-parallel; put every "
         "pattern in one plan.",

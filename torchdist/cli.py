@@ -1,12 +1,16 @@
 """The ``torchdist`` command: ``launch``, ``env``, ``estimate-memory``, ``plot``.
 
-``torchdist launch`` is a thin front on ``torch.distributed.run`` (torchrun): elastic restarts and
-multi-node rendezvous come from it. It says what it chose, and passes ``--mesh`` to the script
-through ``TORCHDIST_MESH``, which ``Topology.from_env`` reads when the script names no axes. A
-script under it always sees the real world (``Topology.from_env`` reads torchrun's variables), so
-the Accelerate trap — a GPU-less launcher silently running N independent single-process
-trainings — cannot happen. It checks ``-n``, the script path and ``--mesh`` against the world
-before it starts any rank.
+``torchdist launch`` is a thin front on ``torch.distributed.run`` (torchrun), run in this process:
+elastic restarts (``--max-restarts``) and the multi-node c10d rendezvous come from it (node
+``--node-rank 0`` hosts the rendezvous at ``--master-addr:--master-port``). A node missing after
+``--rdzv-timeout`` is one line and exit status 1, and so is a failed job (torchrun's summary,
+no agent traceback). ``--timeout`` reaches every rank's ``Topology.from_env`` as
+``TORCHDIST_TIMEOUT``: the world's collective timeout (``docs/faults.md``). It says what it
+chose, and passes ``--mesh`` to the script through ``TORCHDIST_MESH``, which
+``Topology.from_env`` reads when the script names no axes. A script under it always sees the
+real world (``Topology.from_env`` reads torchrun's variables), so the Accelerate trap (a
+GPU-less launcher silently running N independent single-process trainings) cannot happen. It
+checks ``-n``, the script path and ``--mesh`` against the world before it starts any rank.
 
 Bad arguments anywhere print one line on stderr (``torchdist <command>: error: ...``) and exit
 with status 2, never a traceback.
@@ -73,18 +77,38 @@ def launch_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str],
         nproc, why = torch.cuda.device_count(), "one process per local GPU"
     else:
         nproc, why = 1, "no GPU here and no -n: one CPU process (use -n N for N CPU ranks)"
+    if not 0 <= args.node_rank < args.nnodes:
+        raise UsageError(f"--node-rank {args.node_rank}: expected 0 <= node rank < --nnodes")
+    for name in ("timeout", "rdzv_timeout"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected > 0 s")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
-    if args.nnodes > 1 or args.master_addr:
+    if args.nnodes > 1:
+        # c10d (not torchrun's static default): rendezvous rounds, so restarts and late nodes
+        # work; node 0 hosts the store, the others only connect (all may share one host)
+        addr = args.master_addr or "127.0.0.1"
         cmd += [
             f"--nnodes={args.nnodes}",
             f"--node-rank={args.node_rank}",
-            f"--master-addr={args.master_addr or '127.0.0.1'}",
+            f"--master-addr={addr}",
+            f"--master-port={args.master_port}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={addr}:{args.master_port}",
+            f"--rdzv-id={args.rdzv_id}",
+            f"--rdzv-conf=join_timeout={args.rdzv_timeout:g},"
+            f"is_host={'true' if args.node_rank == 0 else 'false'}",
+        ]
+    elif args.master_addr:
+        cmd += [
+            "--nnodes=1",
+            f"--node-rank={args.node_rank}",
+            f"--master-addr={args.master_addr}",
             f"--master-port={args.master_port}",
         ]
     else:
         cmd.append("--standalone")
     cmd += [f"--max-restarts={args.max_restarts}", args.script, *args.script_args]
-    env = {}
+    env = {"TORCHDIST_TIMEOUT": f"{args.timeout:g}"}
     world = nproc * args.nnodes
     if args.mesh:
         try:  # fail here, not in every rank
@@ -103,8 +127,40 @@ def _launch(args: argparse.Namespace) -> int:
     cmd, env, said = launch_command(args)
     print(said, file=sys.stderr, flush=True)
     os.environ.update(env)
-    os.execv(cmd[0], cmd)
-    return 0  # not reached
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
+    from torch.distributed.run import get_args_parser, run
+
+    where = f"{args.master_addr or '127.0.0.1'}:{args.master_port}"
+    try:
+        run(get_args_parser().parse_args(cmd[3:]))
+    except ChildFailedError as exc:  # the ranks printed their tracebacks; torchrun's summary
+        print(exc.format_msg(), file=sys.stderr)
+        return 1
+    except SignalException as exc:  # the launcher itself was told to stop (Ctrl-C, scancel)
+        print(f"torchdist launch: stopped by {exc.sigval.name}; the ranks were ended.",
+              file=sys.stderr)  # fmt: skip
+        return 128 + int(exc.sigval)
+    except RendezvousTimeoutError:
+        print(
+            f"torchdist launch: error: not all {args.nnodes} nodes joined the rendezvous at "
+            f"{where} within --rdzv-timeout {args.rdzv_timeout:g} s. Start `torchdist launch "
+            f"--nnodes {args.nnodes} --node-rank I --master-addr ADDR --master-port "
+            f"{args.master_port}` on every node (I = 0 .. {args.nnodes - 1}, node 0 at ADDR), "
+            "and check that each can reach ADDR:PORT.",
+            file=sys.stderr,
+        )
+        return 1
+    except RendezvousError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(
+            f"torchdist launch: error: rendezvous at {where} failed ({type(exc).__name__}: "
+            f"{first}). Node 0 hosts it: start it first and check --master-addr/--master-port.",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def _version(name: str) -> str:
@@ -199,7 +255,15 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--master-port", type=int, default=29500,
                         help="rendezvous port on the master host (default 29500)")
     launch.add_argument("--max-restarts", type=int, default=0,
-                        help="restart the whole job this many times after a rank fails")
+                        help="restart the whole job this many times after a rank fails (the "
+                        "script resumes from its newest checkpoint)")
+    launch.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds a rank waits in a collective for its peers before the job "
+                        "fails with that error (Topology.timeout; default 600)")
+    launch.add_argument("--rdzv-timeout", type=float, default=600.0,
+                        help="seconds the nodes have to join the rendezvous (default 600)")
+    launch.add_argument("--rdzv-id", default="torchdist",
+                        help="job id shared by the nodes of one multi-node job")
     launch.add_argument("--mesh", default="",
                         help="mesh axes for Topology.from_env, e.g. dp_shard=2,tp=2 (checked "
                         "against the world before starting)")

@@ -54,6 +54,7 @@ def resolve_group(over: Over, axis: Axis = None):
     import torch.distributed as dist
 
     if isinstance(over, Topology):
+        over.check_not_ended()
         if not over.is_live:
             if over.world_size == 1:
                 return None

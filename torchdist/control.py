@@ -1,5 +1,6 @@
 """Process control over a topology: `is_main`, `main_first`, `barrier`, `print0`,
-`split_between_ranks`, `set_seed`, `sync_rng`.
+`split_between_ranks`, `any_rank` / `all_ranks` (cross-rank flags), `stop_at_shortest` (uneven
+inputs), `find_executable_batch_size`, `set_seed`, `sync_rng`.
 
 Each takes the topology it acts on. On a one-process topology that is not live they do the
 obvious single-process thing (no collectives), so the same script runs with and without a
@@ -17,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
+from torchdist._batch_size import find_executable_batch_size
 from torchdist._rng import set_seed, sync_rng
 from torchdist.collectives import Axis, resolve_group
 from torchdist.errors import TopologyError
@@ -33,6 +35,10 @@ __all__ = [
     "barrier",
     "print0",
     "split_between_ranks",
+    "any_rank",
+    "all_ranks",
+    "stop_at_shortest",
+    "find_executable_batch_size",
     "set_seed",
     "sync_rng",
 ]
@@ -72,6 +78,69 @@ def print0(topo: Topology, *args: Any, **print_kwargs: Any) -> None:
     """``print`` on global rank 0 only. Communicates nothing."""
     if topo.rank == 0:
         print(*args, **print_kwargs)
+
+
+def any_rank(flag: bool, topo: Topology, *, axis: Axis = None) -> bool:
+    """True on every rank if ``flag`` is true on any rank of ``topo`` (or of its ``axis`` group).
+
+    The cross-rank flag for early stopping: a rank that wants to stop raises its flag, and
+    every rank learns it at the same call, so all leave the loop together instead of the others
+    waiting forever in the next step's collective. Every rank must call it (each step, or every
+    k-th). Communicates: one ``all_reduce`` (max) of one int64 (on the device for NCCL).
+
+    Example::
+
+        for batch in loader:
+            state, metrics = step(state, batch)
+            if td.any_rank(bool(metrics["loss"] < target), topo):
+                break
+    """
+    return _reduce_flag(flag, topo, axis, "max")
+
+
+def all_ranks(flag: bool, topo: Topology, *, axis: Axis = None) -> bool:
+    """True on every rank if ``flag`` is true on every rank of ``topo`` (or its ``axis`` group).
+    Communicates: one ``all_reduce`` (min) of one int64."""
+    return _reduce_flag(flag, topo, axis, "min")
+
+
+def stop_at_shortest(batches: Iterable[Any], topo: Topology, *, axis: Axis = None) -> Iterator[Any]:
+    """Yield ``batches`` while every rank still has one; stop every rank together at the first
+    rank that runs out.
+
+    For uneven inputs (ranks with different numbers of batches) with ``replicate`` or
+    ``sync_grads``: without it, a rank that ran out leaves its peers waiting in the next
+    gradient all-reduce until the timeout. Each rank's extra batches are not used (torch's
+    ``Join``, where finished ranks shadow the others' collectives, is not built: see
+    docs/faults.md). Communicates: one ``all_reduce`` (min) of one int64 per batch, and one
+    when the shortest rank ends.
+
+    Example::
+
+        for batch in td.stop_at_shortest(my_uneven_loader, topo):
+            state, metrics = step(state, batch)
+    """
+    iterator = iter(batches)
+    while True:
+        try:
+            batch, more = next(iterator), True
+        except StopIteration:
+            batch, more = None, False
+        if not all_ranks(more, topo, axis=axis):
+            return
+        yield batch
+
+
+def _reduce_flag(flag: bool, topo: Topology, axis: Axis, op: str) -> bool:
+    from torchdist.collectives import all_reduce
+
+    if isinstance(flag, torch.Tensor):
+        if flag.numel() != 1:
+            raise TopologyError(f"a cross-rank flag is one value, got a tensor of {flag.numel()}.")
+        flag = bool(flag.item())
+    device = topo.device if topo.backend == "nccl" else "cpu"
+    value = torch.tensor([int(bool(flag))], dtype=torch.int64, device=device)
+    return bool(all_reduce(value, topo, op=op, axis=axis, check=False).item())
 
 
 def split_between_ranks(

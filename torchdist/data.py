@@ -1,44 +1,9 @@
 """`shard_loader`: a sharded, seeded, resumable loader (map-style here; streams: docs/data.md).
 
-Every data-parallel rank gets its own part of every *global* batch; ranks that differ only in
-their ``tp``/``cp``/``pp`` coordinates share a ``dp`` index and get identical batches. The loader
-is plain arithmetic over ``(seed, epoch, cursor)``, so it communicates nothing:
-
-* **Order.** The epoch's order is ``torch.randperm(n)`` drawn from a private generator seeded
-  with a stable hash (SHA-256) of ``(seed, epoch)`` — or ``arange(n)`` with ``shuffle=False`` —
-  a pure function of ``(seed, epoch)``, identical on every rank and untouched by the global RNG.
-* **Global batches.** With ``G = batch_size * topo.size("dp")``, global batch ``k`` is
-  ``order[k*G:(k+1)*G]`` and data-parallel rank ``d`` takes its contiguous slice
-  ``[d*batch_size:(d+1)*batch_size]``. Gathering over ``"dp"`` in rank order therefore restores
-  the global order.
-* **The last, partial global batch.** ``drop_last=True`` drops it. Otherwise, with
-  ``even_batches=True`` (default) it is padded to ``G`` by repeating the epoch's first samples
-  (cyclically if the dataset is smaller than ``G``), at the *tail* of the global batch, so
-  ``gather_for_metrics(x, topo, loader=loader)`` drops exactly the repeats (``batch_real``).
-  With ``even_batches=False`` the remaining samples are split contiguously by the same rule:
-  later ranks get fewer samples, possibly none. A rank with none yields no batch for that step,
-  so its epoch is one batch shorter than its peers' and any collective issued per batch
-  (gradient sync, ``gather``) then mismatches across ranks — use it for evaluation code that
-  tolerates uneven ranks, not for training.
-* **Resume.** ``state_dict()`` records the epoch and the *global* cursor (samples of this epoch
-  already yielded, counted over all data-parallel ranks). ``load_state_dict`` continues with
-  exactly the next samples of the order, also at another world size: the rest of the order,
-  ``order[cursor:]``, is cut into global batches of the new ``G``, so within the epoch no sample
-  is repeated or skipped. A state from another dataset length, seed or shuffle setting is
-  refused with a ``CheckpointError``.
-
-The loader object is a stateful iterator, like a ``DataLoader``: iterating runs the current
-epoch from the cursor; when the epoch is exhausted the epoch number advances and the cursor
-returns to 0. Breaking out of a loop keeps the cursor, so the next ``for`` continues the same
-epoch. An epoch with nothing left (e.g. resumed from a state saved after its last batch) is
-skipped rather than iterated empty. ``set_epoch(e)`` starts epoch ``e`` from its beginning.
-
-Batches are collated (``torch.utils.data.default_collate`` unless ``collate_fn``) and moved to
-``topo.device`` with ``to_device``. Datasets with ``__getitems__`` are asked for a whole batch at
-once, as torch's own fetcher does. With ``num_workers > 0`` a ``torch.utils.data.DataLoader``
-fetches and collates in worker processes from our index lists (a new one per pass over the
-loader: no persistent workers); its worker seeds come from a generator seeded by
-``(seed, epoch, cursor)``, so even then the loader never draws from the global RNG.
+Every data-parallel rank gets its contiguous slice of every *global* batch; the order is a pure
+function of ``(seed, epoch)``, so the loader communicates nothing; ``state_dict`` records the
+epoch and the global cursor and resumes at any world size without repeating or skipping a
+sample. The rules (padding of the last batch, uneven ranks, workers): ``docs/data.md``.
 
 Example::
 

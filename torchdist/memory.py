@@ -14,8 +14,12 @@ shard (FSDP2 = ZeRO-3) 2 / N    2 / N  12 / N      16 / N
 
 ``N`` is the number of ranks that share the state (the data-parallel ranks for ZeRO; ``shard``
 divides by ``dp_shard`` only: HSDP replicates across ``dp_replicate``). Tensor parallelism divides
-everything by ``tp`` (and pipeline parallelism by ``pp``) on top. FSDP2 keeps fp32 sharded
-parameters and gradients rather than bf16 ones plus an fp32 copy: 4/N + 4/N + 8/N, the same 16/N.
+everything by ``tp`` and pipeline parallelism by ``pp`` on top (a stage holds ``1/pp`` of the
+blocks; the embeddings sit on the first stage and the head on the last, so those two hold a
+little more). Context parallelism (``cp``) does not divide model state: cp ranks hold the same
+parameters (``shard`` shards over ``dp_shard``); it divides activations by ``cp``. FSDP2 keeps
+fp32 sharded parameters and gradients rather than bf16 ones plus an fp32 copy: 4/N + 4/N + 8/N,
+the same 16/N.
 
 Variants: ``fp8`` (torchao float8 training) leaves these numbers as they are: master weights stay
 fp32 and the fp8 casts are transient (it saves activation memory, communication with fp8
@@ -71,7 +75,8 @@ ASSUMPTIONS = (
     "activations: a Transformer decoder with fused/flash attention (no seq x seq scores), "
     "no sequence parallelism, logits also kept in fp32 for the loss; MLP width from the config",
     "eager PyTorch keeps more activations: on Hugging Face GPT-2 under CPU bf16 autocast "
-    "(4 layers, h=512, seq 512, batch 2) the layers saved 1.7x this per-layer term (fp32 norms, extra views), "
+    "(4 layers, h=512, seq 512, batch 2) the layers saved 1.7x this per-layer term "
+    "(fp32 norms, extra views), "
     "and autocast keeps a 16-bit copy of the weights (2 bytes/param); with checkpointing the "
     "saved layer inputs and logits matched it (the estimate adds one layer's recomputation)",
     "left out: CUDA context and allocator fragmentation (~0.5-2 GiB per GPU), communication "
@@ -205,6 +210,7 @@ def activation_bytes(
     topo: Topology | None = None,
     checkpointing: bool = False,
     dtype: str = "bf16",
+    in_flight: int | None = None,
 ) -> float:
     """Per-rank activation bytes of one forward of a ``batch`` x ``seq`` micro-batch (per
     data-parallel rank) of the decoder ``config`` describes, kept for the backward.
@@ -213,7 +219,13 @@ def activation_bytes(
     attention: no ``s*s`` scores; the MLP term scaled to the config's width), plus the logits
     (``6*s*b*vocab/tp`` bytes: 16-bit, and fp32 for the loss). With activation checkpointing
     only each layer's input (``2*s*b*h``) is kept, plus one layer's activations while it is
-    recomputed. Communicates nothing.
+    recomputed.
+
+    ``topo.cp`` shards the sequence: ``s`` becomes ``s/cp`` (ring attention keeps no more).
+    ``topo.pp``: a stage runs ``ceil(layers/pp)`` layers, and ``in_flight`` micro-batches are
+    alive on the first stage at once (default ``pp``: 1F1B and interleaved 1F1B; GPipe keeps
+    all its micro-batches), while the last stage holds the logits of one. The larger of the
+    two stages is returned, with ``batch`` the micro-batch size. Communicates nothing.
     """
     if seq < 1 or batch < 1:
         raise TopologyError(f"--seq and --batch must be positive, got seq={seq}, batch={batch}.")
@@ -230,6 +242,9 @@ def activation_bytes(
     inner = c.get("intermediate_size") or c.get("n_inner") or 4 * h
     gated = "intermediate_size" in c  # Llama-style gated MLP: three matrices, not two
     tp = topo.tp if topo is not None else 1
+    cp = topo.cp if topo is not None else 1
+    pp = topo.pp if topo is not None else 1
+    seq = seq / cp
     scale = DTYPES[dtype] / 2
     # 10 s*b*h bytes (norm inputs, attention in/out, residuals) do not split with tp;
     # 24 do (q, k, v, attention output, and the MLP: 16 of them at a 4h width, 2 matrices).
@@ -237,6 +252,14 @@ def activation_bytes(
     per_layer = seq * batch * h * (10 + (8 + mlp) / tp) * scale  # bytes, 16-bit
     # The head's output is kept for its backward, and its fp32 copy for the loss.
     logits = (4.0 + (DTYPES[dtype] if dtype != "fp32" else 0)) * seq * batch * vocab / tp
+    if pp > 1:
+        stage_layers = -(-layers // pp)
+        flight = pp if in_flight is None else in_flight
+        kept = 2 * seq * batch * h * scale if checkpointing else per_layer
+        recompute = per_layer if checkpointing else 0.0
+        first = flight * stage_layers * kept + recompute
+        last = stage_layers * kept + recompute + logits
+        return max(first, last)
     if checkpointing:
         return layers * 2 * seq * batch * h * scale + per_layer + logits
     return layers * per_layer + logits
@@ -279,6 +302,15 @@ def format_table(
             f"activations per rank, micro-batch {batch} x seq {seq}: {full:.2f} GiB; with "
             f"checkpoint_activations {ckpt:.2f} GiB (add to the total above)"
         )
+        if topo.pp > 1 or topo.cp > 1:
+            lines.append(
+                "  (" + "; ".join(
+                    ([f"cp={topo.cp}: {seq // topo.cp} tokens of each sequence per rank"]
+                     if topo.cp > 1 else [])
+                    + ([f"pp={topo.pp}: the busier stage, 1F1B ({topo.pp} micro-batches alive "
+                        "on the first; GPipe keeps all of them)"] if topo.pp > 1 else [])
+                ) + ")"
+            )  # fmt: skip
     lines.append("fp8 (torchao) leaves model state unchanged; it saves activations and bandwidth.")
     lines.append("assumptions:")
     lines += [f"  - {line}" for line in ASSUMPTIONS]

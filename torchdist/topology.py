@@ -17,9 +17,9 @@ one that carries its ``DeviceMesh`` in ``topo.mesh``.
 
 ``Topology.from_env`` is the only place torchdist reads the environment. It understands torchrun
 (``WORLD_SIZE``/``RANK``/``LOCAL_RANK``...), Open MPI (``OMPI_COMM_WORLD_*``), MPICH / Intel MPI
-(``PMI_SIZE``/``PMI_RANK``), MVAPICH (``MV2_COMM_WORLD_*``) and SLURM ``srun`` (``SLURM_PROCID``...),
-so a launcher always yields the real world rather than N independent single-process runs;
-contradicting or PMIx-only environments are refused (``docs/launchers.md``).
+(``PMI_SIZE``/``PMI_RANK``), MVAPICH (``MV2_COMM_WORLD_*``) and SLURM ``srun``
+(``SLURM_PROCID``...), so a launcher always yields the real world rather than N independent
+single-process runs; contradicting or PMIx-only environments are refused (``docs/launchers.md``).
 
 Example::
 
@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from torchdist._launchers import read_launcher
+from torchdist._topology_checks import check_backend, check_device, check_timeout
 from torchdist.errors import TopologyError
 
 if TYPE_CHECKING:
@@ -51,11 +52,13 @@ if TYPE_CHECKING:
 
 __all__ = ["Topology", "AXES", "ALIASES", "parse_mesh"]
 
+# Set on a DeviceMesh when the ``distributed`` block that made it ends (see Topology.is_live).
+ENDED = "_torchdist_world_ended"
+
 #: Mesh axes, outermost first.
 AXES: tuple[str, ...] = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 #: Names that stand for several axes flattened into one.
 ALIASES: dict[str, tuple[str, ...]] = {"dp": ("dp_replicate", "dp_shard")}
-_BACKENDS = ("gloo", "nccl", "mpi", "ucc", "xccl")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,9 @@ class Topology:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     agent_store: bool = False  # torchrun's agent already hosts the rendezvous store
+    # seconds a rank waits for its peers (rendezvous, every collective) before it raises;
+    # torch's own default is 30 min (docs/faults.md)
+    timeout: float = field(default=600.0, compare=False)
     mesh: DeviceMesh | None = field(default=None, compare=False, repr=False)
     flattened: Mapping[str, DeviceMesh] = field(default_factory=dict, compare=False, repr=False)
 
@@ -113,10 +119,11 @@ class Topology:
                 "host."
             )
         object.__setattr__(self, "local_world_size", local_world)
+        object.__setattr__(self, "timeout", check_timeout(self.timeout))
         object.__setattr__(self, "dp_shard", self._resolve_axes())
-        device = _check_device(self.device)
+        device = check_device(self.device)
         object.__setattr__(self, "device", device)
-        object.__setattr__(self, "backend", _check_backend(self.backend, device))
+        object.__setattr__(self, "backend", check_backend(self.backend, device))
         if self.mesh is not None and (
             tuple(self.mesh.mesh.shape) != self.mesh_shape or self.mesh.get_rank() != self.rank
         ):  # a variant made with dataclasses.replace: the old mesh does not describe it
@@ -184,7 +191,8 @@ class Topology:
         or a SLURM ``srun`` task's ``SLURM_STEP_NUM_TASKS``/``SLURM_PROCID``; a stale
         ``WORLD_SIZE``/``RANK`` that contradicts them is a ``TopologyError``. ``device`` defaults to
         ``cuda:<local_rank>`` when CUDA is available, else the CPU. ``axes`` are mesh axis sizes
-        (``dp_shard=-1, tp=2``); when none are given, ``TORCHDIST_MESH`` (set by
+        (``dp_shard=-1, tp=2``). ``TORCHDIST_TIMEOUT`` (``torchdist launch --timeout``) sets
+        ``timeout``. When no axes are given, ``TORCHDIST_MESH`` (set by
         ``torchdist launch --mesh dp_shard=2,tp=2``) supplies them. ``env`` replaces
         ``os.environ`` (for tests).
 
@@ -204,6 +212,7 @@ class Topology:
         world, rank, local_rank, local_world = read_launcher(env)
         if device is None:
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        timeout = env.get("TORCHDIST_TIMEOUT", "")
         port = env.get("MASTER_PORT", "29500")
         if not (port.isascii() and port.isdigit()):
             raise TopologyError(f"MASTER_PORT={port!r} is not a port number.")
@@ -217,6 +226,7 @@ class Topology:
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(port),
             agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true",
+            timeout=check_timeout(timeout, "TORCHDIST_TIMEOUT") if timeout else 600.0,
             **axes,
         )
 
@@ -237,12 +247,24 @@ class Topology:
 
     @property
     def is_live(self) -> bool:
-        """True on the topology ``torchdist.distributed`` yields (it carries a ``DeviceMesh``)."""
-        return self.mesh is not None
+        """True on the topology ``torchdist.distributed`` yields (it carries a ``DeviceMesh``),
+        inside its block; False once the block has ended."""
+        return self.mesh is not None and not getattr(self.mesh, ENDED, False)
+
+    def check_not_ended(self) -> None:
+        """Raise ``TopologyError`` if this is a live topology whose ``distributed`` block ended."""
+        if self.mesh is not None and getattr(self.mesh, ENDED, False):
+            raise TopologyError(
+                f"this topology (rank {self.rank} of {self.world_size}) belongs to a "
+                "`with td.distributed(topo) as topo:` block that has ended: its process groups "
+                "are destroyed. Use it only inside that block (move the call into it), or open "
+                "a new block for more communication."
+            )
 
     def submesh(self, axis: str | Iterable[str]) -> DeviceMesh:
         """The live 1-D mesh of ``axis``: one axis (``"tp"``), an alias (``"dp"``) or a tuple of
         axes (flattened on first use, which is collective: every rank must ask)."""
+        self.check_not_ended()
         if self.mesh is None:
             raise TopologyError(
                 "this topology is not live: use the one `with td.distributed(topo) as topo:` "
@@ -331,7 +353,7 @@ class Topology:
 
     def replace(self, **changes: Any) -> Topology:
         """``dataclasses.replace`` as a method; the live mesh is dropped when the layout changes."""
-        if self.mesh is not None and set(changes) - {"mesh", "flattened"}:
+        if self.mesh is not None and set(changes) - {"mesh", "flattened", "timeout"}:
             changes.setdefault("mesh", None)
             changes.setdefault("flattened", {})
         return dataclasses.replace(self, **changes)
@@ -358,37 +380,3 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def _fmt(sizes: Mapping[str, int | None]) -> str:
     return "{" + ", ".join(f"{k}={v}" for k, v in sizes.items()) + "}"
-
-
-def _check_device(device: torch.device | str) -> torch.device:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise TopologyError(f"device {device!r} is not a torch device: {exc}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TopologyError(
-                f"device {device} asks for CUDA, but this machine has no usable CUDA device "
-                f"(torch {torch.__version__}, cuda build: {torch.version.cuda}). "
-                "Use device='cpu' (gloo), or run on a machine with a GPU."
-            )
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise TopologyError(
-                f"device {device} does not exist: this machine has {count} CUDA device(s). "
-                "Launch at most one process per GPU per host."
-            )
-    return device
-
-
-def _check_backend(backend: str, device: torch.device) -> str:
-    if not backend:
-        return "nccl" if device.type == "cuda" else "gloo"
-    if backend not in _BACKENDS:
-        raise TopologyError(f"unknown backend {backend!r}; expected one of {list(_BACKENDS)}.")
-    if backend == "nccl" and device.type != "cuda":
-        raise TopologyError(
-            f"backend 'nccl' needs CUDA devices, but the device is {device}. "
-            "Use backend='gloo' on CPU (the default), or a device='cuda:N'."
-        )
-    return backend

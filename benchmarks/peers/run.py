@@ -45,6 +45,10 @@ from _workload import Workload, global_batches, local, peak_rss_mib, reference_l
 import torchdist as td  # noqa: E402
 
 GOAL = 1.02
+# DeepSpeed's JIT-built CPU comm op: the same git-ignored cache the test suite uses.
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(
+    _ROOT, ".cache", "torch_extensions", f"torch-{torch.__version__}"))  # fmt: skip
 
 
 def quiet() -> None:

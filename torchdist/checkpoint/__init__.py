@@ -21,9 +21,10 @@ Example::
     state = checkpoint.load("ckpt", state, topo, loader=loader)     # the newest complete step
 """
 
-from torchdist.checkpoint._layout import FORMAT_VERSION, MARKER
 from torchdist.checkpoint._dcp import load, save
-from torchdist.checkpoint._safetensors import SafetensorsLoad, export_safetensors, load_safetensors
+from torchdist.checkpoint._layout import FORMAT_VERSION, MARKER
+from torchdist.checkpoint._safetensors import export_safetensors
+from torchdist.checkpoint._safetensors_load import SafetensorsLoad, load_safetensors
 
 __all__ = [
     "save",

@@ -1,53 +1,10 @@
 """`save` / `load`: a whole training state through torch.distributed.checkpoint (DCP).
 
-What goes where, in ``<root>/step_<step:08d>/``:
-
-* ``.metadata`` and ``__<rank>_<n>.distcp``: model and optimizer, written by DCP, each rank its
-  own shards (a replicated tensor is written once). The state dicts come from
-  ``torch.distributed.checkpoint.state_dict.get_state_dict``, which gives the same
-  fully-qualified names for a plain, ``replicate``d (composable DDP), ``shard``ed (FSDP2) or
-  tensor-parallel model, so a checkpoint loads at another world size or mesh: DCP reads the
-  slices each rank now owns (4 -> 2, 2 -> 1, 1 -> 2 ranks). With no optimizer in the
-  ``TrainState``, only the model is saved, or loaded (a checkpoint's optimizer state is then
-  ignored: loading weights for evaluation is a whole, deliberate choice). An optimizer that has
-  not stepped yet is recorded as such rather than saved: ``get_state_dict`` would initialise its
-  state with a zero-gradient step, so a step-0 save would shift Adam's step count by one and
-  the run would no longer be the run without the save. Loading such a checkpoint leaves the
-  optimizer un-stepped (its state cleared). Otherwise, as in torch, building the state dict of a
-  fresh optimizer initialises its state (zeros) before the checks below run.
-* ``extras/rank_<rank>.pt``: per rank, ``TrainState.step``, its RNG states (torch CPU, CUDA,
-  Python ``random``, NumPy), the scheduler's and loss scale's state, ``TrainState.extra`` and
-  the loader's position; see ``_extras``. Loaded with ``torch.load(weights_only=True)``. On a
-  load at another world size, rank ``r`` takes rank ``r``'s file if the saving job had a rank
-  ``r``, else rank 0's: new ranks then start from rank 0's RNG state. The loader's position
-  is global, so it resumes correctly at any world size.
-* ``torchdist_checkpoint.json``: the completion marker (see ``_layout``).
-* **DeepSpeed engines** (``TrainState.model`` from ``torchdist.sharding.deepspeed``): the engine's
-  own checkpoint (``engine.save_checkpoint``, in ``engine/``) takes the place of DCP's files; the
-  extras, the atomic rename and the marker are the same. It loads only at the same world size
-  and ZeRO stage; see ``_engine_*`` below and ``torchdist.sharding.deepspeed``.
-
-**Atomic.** Everything is written into ``step_X.tmp-<token>`` (the token chosen by rank 0 and
-shared), and only when every rank has written does rank 0 write the marker and rename the
-directory to ``step_X``. A job killed mid-save leaves the ``.tmp-`` directory, which ``load``
-ignores; ``keep=k`` then deletes all but the newest ``k`` complete checkpoints, and leftovers of
-interrupted saves. Saving a step that already exists replaces it.
-
-**Checked before anything is read into the model** (``CheckpointError``, the same on every
-rank): the directory is a complete checkpoint of a format this torchdist reads; every file has
-the size the marker recorded (truncation); the DCP metadata lists exactly the keys the model
-and optimizer expect (missing and unexpected keys by name) with the same global shapes; the
-per-rank state matches the ``TrainState`` (a scheduler and loss scale exactly when the saved run
-had them, a loader state when a loader is passed). A file that is damaged in a way only reading
-reveals surfaces as DCP's read error, wrapped. No partial load: a failed check leaves the
-model, optimizer, RNG and loader untouched. ``save`` records every file's SHA-256 by default;
-``load(verify=True)`` rehashes them (spread over the ranks) and names a file that differs.
-
-**Untrusted checkpoints.** DCP's ``.metadata`` is a pickle. We never ``pickle.load`` it freely:
-it is read with an unpickler that resolves only DCP's metadata classes, and non-tensor values
-(optimizer hyperparameters) with ``torch.load(weights_only=True)``, so a crafted checkpoint
-cannot run code (see ``_safe``). It can still describe absurd shapes or wrong offsets. Load
-checkpoints you trust, or verify a published checksum of the directory first.
+In ``<root>/step_<step:08d>/``: DCP's files (model and optimizer, each rank its own shards,
+loadable at another world size or mesh), ``extras/rank_<r>.pt`` (step, RNG, scheduler, step
+transforms' state, ``extra``, loader position) and the completion marker. Written atomically
+(a ``.tmp-`` directory renamed when every rank wrote), checked in full before anything is read
+into the model, metadata unpickled safely. The whole design: ``docs/checkpoints.md``.
 
 Example::
 
@@ -254,7 +211,8 @@ def load(
             _engine.engine_check(state, marker, topo)
         else:
             state_dicts = _state_dicts(state, optimizer=with_optimizer)
-            _check_against_metadata(ckpt, state_dicts, optimizer=with_optimizer)
+            _check_against_metadata(ckpt, state_dicts, optimizer=with_optimizer,
+                                    elsewhere=held_by_other_stages(state.model))  # fmt: skip
         _extras.check(extras, state, loader)
         error = ""
     except CheckpointError as exc:
@@ -292,6 +250,20 @@ def _optimizer_mode(state: TrainState) -> str:
     if deepspeed_engine(state.model) is not None:
         return "state"  # the engine saves its optimizer's state, stepped or not
     return "state" if state.optimizer.state else "empty"
+
+
+def held_by_other_stages(model: Any) -> tuple[str, ...]:
+    """The modules of a pipelined model that other ranks' stages hold (none if not pipelined)."""
+    from torchdist.sharding._pipeline import plan_of
+
+    plan = plan_of(model)
+    if plan is None:
+        return ()
+    others = [b for s, names in enumerate(plan.stage_blocks) if s not in plan.local_stages
+              for b in names]  # fmt: skip
+    return tuple(others) + (() if plan.holds_first else plan.first) + (
+        () if plan.holds_last else plan.last
+    )
 
 
 def _state_dicts(state: TrainState, *, optimizer: bool) -> dict[str, Any]:
@@ -353,12 +325,16 @@ def _flatten(state_dicts: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
     return out
 
 
-def _check_against_metadata(ckpt: str, state_dicts: dict[str, Any], *, optimizer: bool) -> None:
+def _check_against_metadata(
+    ckpt: str, state_dicts: dict[str, Any], *, optimizer: bool, elsewhere: tuple[str, ...] = ()
+) -> None:
+    """``elsewhere``: module names another pipeline stage holds; their keys are not unexpected."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     stored = read_metadata(ckpt).state_dict_metadata
     expected = _flatten(state_dicts)
-    stored_keys = [k for k in stored if optimizer or k.startswith("model.")]
+    stored_keys = [k for k in stored if (optimizer or k.startswith("model."))
+                   and not _under(k, elsewhere)]  # fmt: skip
     # Listed in state-dict order (parameters before optimizer state before hyperparameters).
     missing = [k for k in expected if k not in stored]
     unexpected = [k for k in stored_keys if k not in expected]
@@ -387,6 +363,14 @@ def _check_against_metadata(ckpt: str, state_dicts: dict[str, Any], *, optimizer
         "same architecture (same parameter names and shapes) and optimizer type the checkpoint "
         "was saved from, or convert the checkpoint first. Nothing was loaded."
     )
+
+
+def _under(key: str, modules: tuple[str, ...]) -> bool:
+    for head in ("model.", "optim.state.", "optim.param_groups."):
+        if key.startswith(head):
+            name = key[len(head) :]
+            return any(name.startswith(f"{m}.") for m in modules)
+    return False
 
 
 @contextlib.contextmanager

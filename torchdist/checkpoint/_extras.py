@@ -95,6 +95,8 @@ def read(root: str, topo: Topology) -> tuple[dict[str, Any], int]:
 
 def check(extras: dict[str, Any], state: TrainState, loader: Any) -> None:
     """Raise ``CheckpointError`` if ``extras`` cannot be restored into ``state``; change nothing."""
+    if state.scheduler is not None:
+        _scheduler_state(state.scheduler)  # refuses one without state_dict/load_state_dict
     if (extras["scheduler"] is None) != (state.scheduler is None):
         has = "holds" if extras["scheduler"] is not None else "does not hold"
         given = "None" if state.scheduler is None else type(state.scheduler).__name__
@@ -102,8 +104,6 @@ def check(extras: dict[str, Any], state: TrainState, loader: Any) -> None:
             f"the checkpoint {has} a scheduler state, but TrainState.scheduler is {given}. Pass "
             "a TrainState with the same kind of scheduler the run was saved with (or none)."
         )
-    if state.scheduler is not None:
-        _scheduler_state(state.scheduler)  # refuses one without state_dict/load_state_dict
     if loader is None:
         return
     if extras["loader"] is None:

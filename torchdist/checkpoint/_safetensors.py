@@ -12,8 +12,9 @@ peak memory stays near the largest parameter, not the model. Plain tensors are t
 first name only, as ``transformers`` does; loading fills both names. Old ``model*.safetensors``
 files and the index in the directory are replaced.
 
-``load_safetensors`` reads such an export into a plain or sharded model built with the same
-parameter names. Each rank reads only the slice it owns: for a ``DTensor`` parameter the slice
+``load_safetensors`` (in ``_safetensors_load.py``) reads such an export, or a Hugging Face
+checkpoint directory, into a plain, sharded or meta-device model built with the same parameter
+names. Each rank reads only the slice it owns: for a ``DTensor`` parameter the slice
 is computed from its placements and this rank's mesh coordinate (``Shard(d)`` splits dimension
 ``d`` with ``torch.chunk`` semantics, nested left to right over the mesh dimensions, as DTensor
 and FSDP2 do) and read with ``safe_open(...).get_slice(name)[slices]``, then copied into the
@@ -34,7 +35,6 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,7 +43,7 @@ from torchdist.collectives import broadcast
 from torchdist.errors import CheckpointError
 from torchdist.topology import Topology
 
-__all__ = ["export_safetensors", "load_safetensors", "SafetensorsLoad"]
+__all__ = ["export_safetensors"]
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -55,14 +55,6 @@ _DTYPES = {
     torch.float8_e5m2: "F8_E5M2", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
 }  # fmt: skip
 _LISTED = 12
-
-
-@dataclass(frozen=True)
-class SafetensorsLoad:
-    """What ``load_safetensors`` read on this rank: tensor bytes (slices only) and tensor count."""
-
-    bytes_read: int
-    tensors: int
 
 
 # --------------------------------------------------------------------------- model entries
@@ -250,138 +242,3 @@ def _finish(root: str, names: list[str], groups: list[list[str]], entries) -> No
         }
         with open(os.path.join(root, INDEX), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2)
-
-
-# --------------------------------------------------------------------------- load
-def load_safetensors(
-    model: torch.nn.Module, path: str | os.PathLike, topo: Topology
-) -> SafetensorsLoad:
-    """Fill ``model`` (plain or sharded) in place from an export in ``path``; each rank reads
-    only its slices. Returns what this rank read.
-
-    Communicates nothing: every rank reads the files itself (a shared filesystem).
-    """
-    from safetensors import safe_open
-
-    root = os.fspath(path)
-    layout = _read_layout(root)
-    entries, aliases = _entries(model)
-    _check_names(root, layout, entries, aliases)
-    by_file: dict[str, list[str]] = {}
-    for name in entries:
-        by_file.setdefault(layout[name][0], []).append(name)
-    total, count = 0, 0
-    with torch.no_grad():
-        for file_name, names in by_file.items():
-            with safe_open(os.path.join(root, file_name), framework="pt", device="cpu") as f:
-                for name in names:
-                    total += _load_one(f, name, entries[name])
-                    count += 1
-    return SafetensorsLoad(bytes_read=total, tensors=count)
-
-
-def _read_layout(root: str) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """``{name: (file, shape)}`` of an export directory."""
-    from safetensors import safe_open
-
-    if os.path.isfile(os.path.join(root, INDEX)):
-        try:
-            with open(os.path.join(root, INDEX), encoding="utf-8") as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as exc:
-            raise CheckpointError(f"{root}/{INDEX} is unreadable or corrupted: {exc!r}.") from None
-    elif os.path.isfile(os.path.join(root, SINGLE)):
-        files = [SINGLE]
-    else:
-        found = (
-            sorted(os.listdir(root))[:8] if os.path.isdir(root) else "nothing (no such directory)"
-        )
-        raise CheckpointError(
-            f"{root} is not a safetensors export: expected {SINGLE} or {INDEX}, found {found}. "
-            "Pass the directory export_safetensors wrote."
-        )
-    layout: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for file_name in files:
-        try:
-            with safe_open(os.path.join(root, file_name), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    layout[key] = (file_name, tuple(f.get_slice(key).get_shape()))
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-            raise CheckpointError(
-                f"{os.path.join(root, file_name)} is missing, truncated or corrupted "
-                f"({type(exc).__name__}: {exc}). Export again."
-            ) from None
-    return layout
-
-
-def _check_names(root: str, layout, entries: dict[str, torch.Tensor], aliases) -> None:
-    missing = sorted(n for n in entries if n not in layout)
-    unexpected = sorted(n for n in layout if n not in entries and n not in aliases)
-    shapes = [
-        f"{n}: file {layout[n][1]}, model {tuple(t.shape)}"
-        for n, t in entries.items()
-        if n in layout and layout[n][1] != tuple(t.shape)
-    ]
-    if not (missing or unexpected or shapes):
-        return
-    parts = []
-    kinds = (
-        ("missing from the files", missing),
-        ("unexpected in the files", unexpected),
-        ("shape mismatch", shapes),
-    )
-    for what, names in kinds:
-        if names:
-            more = f", and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
-            parts.append(f"{what} ({len(names)}): {', '.join(names[:_LISTED])}{more}")
-    raise CheckpointError(
-        f"the weights in {root} do not fit the model; "
-        + "; ".join(parts)
-        + ". Load into the architecture the weights were exported from (same names and shapes). "
-        "Nothing was loaded."
-    )
-
-
-def _load_one(f, name: str, target: torch.Tensor) -> int:
-    """Copy this rank's part of ``name`` into ``target``; return the bytes read."""
-    if not _is_dtensor(target):
-        data = f.get_tensor(name)
-        target.copy_(data)
-        return data.numel() * data.element_size()
-    local = target.to_local()
-    region = _local_region(target)
-    if region is not None and tuple(hi - lo for lo, hi in region) == tuple(local.shape):
-        if local.numel() == 0:
-            return 0
-        data = f.get_slice(name)[tuple(slice(lo, hi) for lo, hi in region)]
-        local.copy_(data)
-        return data.numel() * data.element_size()
-    from torch.distributed.tensor import distribute_tensor
-
-    full = f.get_tensor(name).to(local.dtype)
-    # src_data_rank=None: every rank already holds the full tensor, so no communication.
-    part = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
-    local.copy_(part.to_local())
-    return full.numel() * full.element_size()
-
-
-def _local_region(tensor: Any) -> list[tuple[int, int]] | None:
-    """The ``[lo, hi)`` per dimension this rank holds of a DTensor, or None when it is no box."""
-    from torch.distributed.tensor import Replicate, Shard
-
-    region = [(0, size) for size in tensor.shape]
-    coordinate = tensor.device_mesh.get_coordinate()
-    if coordinate is None:
-        return None
-    for mesh_dim, placement in enumerate(tensor.placements):
-        if isinstance(placement, Replicate):
-            continue
-        if type(placement) is not Shard:  # Partial, _StridedShard: no contiguous slice
-            return None
-        dim = placement.dim % len(region)
-        lo, hi = region[dim]
-        pieces = tensor.device_mesh.size(mesh_dim)
-        chunk = math.ceil((hi - lo) / pieces) if hi > lo else 0
-        start = min(lo + coordinate[mesh_dim] * chunk, hi)
-        region[dim] = (start, min(start + chunk, hi))
-    return region

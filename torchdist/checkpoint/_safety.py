@@ -36,6 +36,12 @@ __all__ = ["LOCK", "acquire_lock", "release_lock", "agree", "hash_share", "verif
 
 LOCK = ".torchdist_save.lock"
 CHECKSUM = "sha256"
+# Marks the agreement's first int64 (the step sits in the low 48 bits). Without
+# TORCH_DISTRIBUTED_DEBUG=DETAIL, gloo pairs a rank's agreement with whatever 16-byte collective
+# a peer that skipped save runs next (a torchdist collective's fingerprint check): the tag tells
+# "that rank is elsewhere" from "that rank saves another step".
+_TAG = 0x7D15 << 48
+_STEP_BITS = (1 << 48) - 1
 
 
 # --------------------------------------------------------------------------- lock
@@ -124,7 +130,7 @@ def agree(topo: Topology, step: int, root: str, timeout: float) -> None:
         hashlib.blake2b(os.path.abspath(root).encode(), digest_size=7).digest(), "little"
     )
     device = topo.device if dist.get_backend() == "nccl" else "cpu"
-    mine = torch.tensor([step, where], dtype=torch.int64, device=device)
+    mine = torch.tensor([_TAG | (step & _STEP_BITS), where], dtype=torch.int64, device=device)
     out = mine.new_empty(topo.world_size * 2)
     work = dist.all_gather_single(out, mine, async_op=True)
     try:
@@ -138,7 +144,15 @@ def agree(topo: Topology, step: int, root: str, timeout: float) -> None:
             "drop an `if rank == 0:` around it."
         ) from None
     rows = out.view(topo.world_size, 2).tolist()
-    steps, roots = [r[0] for r in rows], [r[1] for r in rows]
+    elsewhere = [rank for rank, row in enumerate(rows) if row[0] & ~_STEP_BITS != _TAG]
+    if elsewhere:
+        raise CheckpointError(
+            f"checkpoint.save(step {step}) on rank {topo.rank}: rank(s) {elsewhere} of "
+            f"{topo.world_size} did not call save; they were in another collective. Every rank "
+            "must call checkpoint.save (each writes its own shards), not only rank 0: drop an "
+            "`if rank == 0:` around it. Nothing was written."
+        )
+    steps, roots = [r[0] & _STEP_BITS for r in rows], [r[1] for r in rows]
     if len(set(steps)) > 1:
         raise CheckpointError(
             f"ranks disagree on the step being saved (by rank: {steps}); a checkpoint holds one "

@@ -205,9 +205,9 @@ class Float8Recipe:
         if self.skip_first_last and linears:
             # The edges are the model's own input and output layers, never a layer of a repeated
             # block: skipping blocks.0.q alone would treat q unlike its siblings k and v.
-            from torchdist.blocks import repeated_blocks
+            from torchdist.blocks import default_blocks
 
-            inside = tuple(f"{name}." for name, _ in repeated_blocks(model))
+            inside = tuple(f"{name}." for name, _ in default_blocks(model))
             outside = [n for n, _ in linears if not n.startswith(inside)] if inside else [
                 n for n, _ in linears]  # fmt: skip
             edges = {outside[0], outside[-1]} if outside else set()

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -23,13 +25,17 @@ from collections.abc import Iterator
 import torch
 
 from torchdist._compat import flatten_mesh, release_mesh
+from torchdist.errors import DistributedTimeoutError, RankError, TopologyError
 from torchdist.runtime._forksafe import collect_before_next_fork
-from torchdist.errors import TopologyError
-from torchdist.topology import ALIASES, AXES, Topology
+from torchdist.topology import ALIASES, AXES, ENDED, Topology
 
 __all__ = ["distributed", "as_timedelta"]
 
 _LEFT = "torchdist/left"  # in a rank-0-hosted store: how many ranks left its world
+_JOINED = "torchdist/joined"  # in a world's store: how many ranks arrived
+_ALL_JOINED = "torchdist/all_joined"  # set by the last rank to arrive
+_SAY_WAITING_AFTER_S = 10.0
+_MIN_JOIN_S = 60.0  # the default join_timeout is never shorter  # a rendezvous still short of ranks after this says so on stderr
 
 
 def as_timedelta(timeout: float | datetime.timedelta) -> datetime.timedelta:
@@ -45,8 +51,9 @@ def as_timedelta(timeout: float | datetime.timedelta) -> datetime.timedelta:
 def distributed(
     topo: Topology,
     *,
-    timeout: float | datetime.timedelta = 1800.0,
+    timeout: float | datetime.timedelta | None = None,
     store: torch.distributed.Store | None = None,
+    join_timeout: float | None = None,
 ) -> Iterator[Topology]:
     """Bring up the process group and the named ``DeviceMesh``; yield the live topology.
 
@@ -58,9 +65,18 @@ def distributed(
     one is collected before this process next forks (see ``torchdist/runtime/_forksafe.py``: a
     forked DataLoader worker must not be the one to free it).
 
-    ``timeout`` bounds every collective: a rank that waits longer for its peers raises instead of
-    hanging. A one-process topology needs no network (an in-memory store) but is still live, so
-    ``topo.mesh["tp"]`` works the same everywhere.
+    ``timeout`` (default ``topo.timeout``: 600 s, or ``torchdist launch --timeout``) bounds the
+    rendezvous and every collective: a rank that waits longer for its peers raises
+    ``DistributedTimeoutError`` when the block ends (inside it, torch's ``RuntimeError``), one
+    whose peer left mid-collective ``RankError``, and a
+    rendezvous short of ranks says on stderr how many arrived, then raises. Under torchrun, a rank
+    that the agent ends (because a peer failed) prints its Python stack first. The rules are in
+    ``docs/faults.md``. ``join_timeout`` bounds only the wait for every rank to arrive (default:
+    ``timeout``, but at least 60 s: ranks that a launcher starts together can still be seconds
+    apart importing torch on a loaded machine, and a short collective timeout must not turn
+    that into a failure). After the block, the live topology refuses collectives with a
+    ``TopologyError`` saying the block ended. A one-process topology needs no network (an
+    in-memory store) but is still live, so ``topo.mesh["tp"]`` works the same everywhere.
 
     Example::
 
@@ -80,13 +96,16 @@ def distributed(
             "`with distributed(...)` block). Let torchdist own the process group, or destroy the "
             "existing one with torch.distributed.destroy_process_group() first."
         )
-    timeout = as_timedelta(timeout)
+    timeout = as_timedelta(topo.timeout if timeout is None else timeout)
     hosted = None  # the store rank 0 hosts for this block alone (no torchrun agent store)
     if store is None:
         store = _rendezvous_store(topo, timeout)
         if topo.world_size > 1 and not topo.agent_store:
             hosted = store
     store = _world_store(store, topo.rank)
+    if topo.world_size > 1:
+        join = max(timeout.total_seconds(), _MIN_JOIN_S) if join_timeout is None else join_timeout
+        _await_ranks(store, topo, as_timedelta(join))
     excepthook = sys.excepthook  # init_process_group wraps it with a "[rankN]:" prefix
     device_id = topo.device if topo.device.type == "cuda" else None
     if device_id is not None:
@@ -99,17 +118,30 @@ def distributed(
         timeout=timeout,
         device_id=device_id,
     )
-    mesh, clean = None, False
+    mesh, flattened, clean = None, {}, False
+    handler = signal.getsignal(signal.SIGTERM)
+    stacks_on_sigterm = topo.agent_store and _dump_stacks_on_sigterm()
     try:
         mesh = _build_mesh(topo)
         flattened = {alias: flatten_mesh(mesh, names, alias) for alias, names in ALIASES.items()}
-        yield topo.replace(mesh=mesh, flattened=flattened)
+        yield topo.replace(mesh=mesh, flattened=flattened, timeout=timeout.total_seconds())
         clean = True
+    except RuntimeError as exc:
+        if _is_timeout(exc):
+            raise _collective_timeout(topo, timeout, exc) from exc
+        if _peer_left(exc):
+            raise _peer_left_error(topo, exc) from exc
+        raise
     finally:
+        if stacks_on_sigterm and signal.getsignal(signal.SIGTERM) is handler:
+            faulthandler.unregister(signal.SIGTERM)  # not if the body installed its own
         dist.destroy_process_group()
         if mesh is not None:
+            setattr(mesh, ENDED, True)  # the live topology now says so (Topology.is_live)
+            for each in flattened.values():
+                setattr(each, ENDED, True)
             release_mesh(mesh)  # the groups go now, not when the collector finds the mesh
-        mesh = store = None
+        mesh = store = flattened = None
         if hosted is not None and clean:
             _leave_hosted_store(hosted, topo, timeout)
         hosted = None
@@ -132,6 +164,7 @@ def _rendezvous_store(topo: Topology, timeout: datetime.timedelta) -> torch.dist
                 topo.world_size,
                 is_master=topo.rank == 0 and hosted_by_rank0,
                 timeout=timeout,
+                wait_for_workers=False,  # _await_ranks waits, and says how many came
             )
             # a store an earlier world checked out of (see _leave_hosted_store): rank 0 is about
             # to close it and host a new one, so connect again
@@ -180,6 +213,101 @@ def _leave_hosted_store(store, topo: Topology, timeout: datetime.timedelta) -> N
     del store
     if topo.rank == 0:
         gc.collect()  # a cycle (a model's hooks, a mesh) may still hold the server
+
+
+def _await_ranks(store, topo: Topology, timeout: datetime.timedelta) -> None:
+    """Return once every rank of ``topo`` has entered this world, or raise
+    ``DistributedTimeoutError`` after ``timeout`` saying how many did.
+
+    A launcher that promises more processes than start (``mpirun`` with a stale
+    ``OMPI_COMM_WORLD_SIZE``, a wrong ``WORLD_SIZE``) would otherwise wait in gloo's connect for
+    the whole timeout, silently. Short of ranks after 10 s (or half the timeout, if shorter),
+    this rank says so on stderr.
+    Communicates: two store operations per rank, plus one ``wait``.
+    """
+    if store.add(_JOINED, 1) == topo.world_size:
+        store.set(_ALL_JOINED, "1")
+    total = timeout.total_seconds()
+    first = min(_SAY_WAITING_AFTER_S, total / 2)
+    for attempt, wait_s in enumerate((first, total - first)):
+        try:
+            store.wait([_ALL_JOINED], datetime.timedelta(seconds=max(wait_s, 0.001)))
+            return
+        except RuntimeError:  # DistStoreError: not yet
+            joined = store.add(_JOINED, 0)
+        if attempt == 0:
+            print(
+                f"[torchdist] rank {topo.rank}: {joined} of {topo.world_size} ranks have joined "
+                f"the world at {topo.master_addr}:{topo.master_port} after {first:g} s; waiting "
+                f"up to {total:g} s for the others.",
+                file=sys.stderr,
+                flush=True,
+            )
+    raise DistributedTimeoutError(
+        f"rank {topo.rank}: only {joined} of {topo.world_size} ranks joined the world at "
+        f"{topo.master_addr}:{topo.master_port} within {total:g} s. The launcher's environment "
+        f"promised {topo.world_size} processes (WORLD_SIZE, OMPI_COMM_WORLD_SIZE, PMI_SIZE, "
+        "SLURM_STEP_NUM_TASKS, ...), but the others never arrived: start all of them "
+        "(mpirun -np, srun --ntasks, torchdist launch -n), make the size match what you "
+        "started, or check that every rank can reach MASTER_ADDR:MASTER_PORT.",
+        ranks=(topo.rank,),
+    )
+
+
+def _dump_stacks_on_sigterm() -> bool:
+    """Under torchrun: print every thread's Python stack to stderr when SIGTERM arrives, then
+    die of it as before. The agent sends SIGTERM to the ranks left when one fails (a collective
+    timed out), so the log shows where a stuck rank was. C-level (faulthandler): it works while
+    the rank sits in a collective or a native call."""
+    try:
+        faulthandler.register(signal.SIGTERM, file=sys.stderr, all_threads=True, chain=True)
+    except (AttributeError, RuntimeError, ValueError, OSError):  # no SIGTERM, or no stderr fd
+        return False
+    return True
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    # the last: TORCH_DISTRIBUTED_DEBUG=DETAIL's wrapper, whose barrier before each collective
+    # times out first
+    return "timed out" in text or "timeout" in text or "failed to pass monitoredbarrier" in text
+
+
+def _peer_left(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "connection closed by peer" in text or "connection reset by peer" in text
+
+
+def _peer_left_error(topo: Topology, exc: BaseException) -> RankError:
+    return RankError(
+        f"rank {topo.rank} of {topo.world_size}: a peer left the world while this rank waited "
+        f"for it in a collective ({_first_line(exc)}). That rank ended its block early (it "
+        "skipped the collectives left), or crashed or was killed: its own log says which. "
+        "Every rank must issue the same collectives until the `distributed` block ends.",
+        rank=-1,
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _collective_timeout(
+    topo: Topology, timeout: datetime.timedelta, exc: BaseException
+) -> DistributedTimeoutError:
+    first = _first_line(exc)
+    return DistributedTimeoutError(
+        f"rank {topo.rank} of {topo.world_size} waited longer than the world's timeout "
+        f"({timeout.total_seconds():g} s) for its peers: {first}. Another rank did not join "
+        "the same collective: it skipped one (a call under `if rank == 0:`), is stuck, or was "
+        "slower than the timeout. Under torchrun the other ranks print their stacks when the "
+        "agent ends them (look for 'most recent call first' in the log). Fix the rank that "
+        "diverged; for a wait that is meant to be long (rank 0 alone evaluating or "
+        "downloading), raise the timeout: td.distributed(topo, timeout=...) or "
+        "`torchdist launch --timeout SECONDS`.",
+        ranks=(topo.rank,),
+    )
 
 
 def _world_store(store: torch.distributed.Store, rank: int) -> torch.distributed.Store:

@@ -1,53 +1,10 @@
 """`deepspeed(model, optimizer, topo, ...)`: a DeepSpeed ZeRO engine as a model transform.
 
-Returns a ``TrainState`` whose ``model`` is the DeepSpeed engine (marked ``"deepspeed"``),
-``optimizer`` the engine's optimizer (the ZeRO wrapper around the torch optimizer you passed)
-and ``scheduler`` the engine's scheduler. The engine owns backward, accumulation, clipping,
-mixed precision and the optimizer step; the step transforms delegate to it:
-
-* ``value_and_grad`` calls ``engine.backward(loss)`` (DeepSpeed divides by its
-  ``gradient_accumulation_steps`` itself);
-* ``accumulate(n)`` needs ``accumulation=n`` here and sets the engine's accumulation boundary
-  before each micro-step (gradients are reduced at the boundary only);
-* ``clip_grads(c)`` needs ``clip=c`` here; the engine clips inside ``engine.step()``;
-* ``autocast(dtype)`` needs ``dtype=dtype`` here (DeepSpeed's ``bf16``/``fp16`` sections);
-* ``optimize()`` calls ``engine.step()`` and reports ``skipped`` and, with clipping, ``grad_norm``;
-  call it without arguments (or with ``state.optimizer``): the torch optimizer you passed is
-  wrapped by the engine and is not ``state.optimizer``;
-* ``sync_grads`` steps aside. ``shard``/``replicate``/``parallelize`` refuse an engine's model,
-  and ``deepspeed`` refuses a model they were applied to (``CompositionError`` both ways).
-
-The DeepSpeed config is built by ``deepspeed_config`` (pure, no DeepSpeed import): the keyword
-arguments fill ``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``,
-``train_batch_size = micro_batch_size * accumulation * dp``, ``zero_optimization.stage`` and
-offload devices, ``gradient_clipping`` (``0.0`` when ``clip=None``: DeepSpeed's own default
-clips at 1.0, which silently changes training), ``bf16``/``fp16`` and
-``zero_allow_untested_optimizer`` (a torch optimizer such as SGD is "untested" by DeepSpeed).
-A ``config`` you pass is merged in; every field it shares with the arguments must agree with
-them, and an inconsistent config (micro x accumulation x dp != train batch size, a stage out
-of 0-3, optimizer offload below stage 1 or parameter offload below stage 3, fp16 and bf16 both
-on) raises ``CompositionError`` naming the fields. With ``offload_optimizer`` and a torch
-optimizer, ``zero_force_ds_cpu_optimizer`` is set to ``False`` (DeepSpeed otherwise insists on
-its JIT-built CPU Adam).
-
-Process group and environment. DeepSpeed reuses the process group torchdist brought up
-(``deepspeed.initialize(..., dist_init_required=False)`` wraps the existing default group), so
-the engine spans the whole world: the topology must be purely data-parallel (``tp``, ``cp``,
-``pp`` of size 1; ``topo.size("dp") == world_size``), else ``TopologyError``. DeepSpeed keeps
-process-global state (its comm backend, its accelerator), so one engine's world per process;
-test it with ``torchdist.spawn`` (processes), not ``in_process`` (threads). DeepSpeed reads
-two environment variables, which torchdist writes from the topology (never reads):
-``DS_ACCELERATOR=cpu`` for a CPU topology (before DeepSpeed is first imported; DeepSpeed's
-accelerator is then checked against the topology's device) and ``LOCAL_RANK=topo.local_rank``
-(DeepSpeed's engine asserts on it). These are the only environment writes.
-
-Checkpoints: ``torchdist.checkpoint.save``/``load`` on a state whose model is an engine write
-the engine's own checkpoint (``engine.save_checkpoint(dir, tag="engine")``) in place of DCP,
-inside torchdist's atomic step directory, beside the per-rank extras (see
-``torchdist.checkpoint._engine``). Such a checkpoint loads only at the same world size and ZeRO
-stage (DeepSpeed's partitioned optimizer state). ``consolidated(engine)`` yields the plain
-module with full parameters (ZeRO-3: gathered on every rank for the duration), ready for
-``torchdist.checkpoint.export_safetensors``.
+Returns a ``TrainState`` whose model, optimizer and scheduler are the engine's; the step
+transforms delegate to the engine (backward, accumulation boundary, clipping, mixed precision,
+``engine.step()``), and ``sync_grads`` steps aside. The config is built by ``deepspeed_config``
+(pure) and checked against the arguments; the topology must be purely data-parallel. The
+design, the environment it writes and its checkpoints: ``docs/deepspeed.md``.
 
 Example::
 

@@ -9,6 +9,8 @@ are unchanged. A model built on the meta device can be sharded first and materia
 (``materialize``), so no rank ever holds the whole model.
 
 The order that works: ``autocast_fp8`` and ``parallelize`` (tensor parallel) before ``shard``.
+Parameter dtypes (fp32 master weights under mixed precision, one dtype per unit) are settled
+before ``fully_shard`` runs: see ``torchdist/sharding/_dtypes.py``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ from torchdist.blocks import BlockSpec, find_blocks
 from torchdist.errors import ShardingError
 from torchdist.marks import applied, mark
 from torchdist.sharding._common import check_has_parameters, check_order, resolve_mesh
+from torchdist.sharding._dtypes import (
+    check_tied_in_one_unit,
+    check_uniform_dtypes,
+    refuse_forward,
+    upcast_trainable_to_fp32,
+)
 
 __all__ = ["shard", "MixedPrecision", "materialize", "is_sharded"]
 
@@ -63,8 +71,12 @@ def shard(
     ``mesh``: a live ``Topology`` (its ``dp_replicate`` x ``dp_shard`` axes; HSDP when both are
     larger than 1) or a ``DeviceMesh`` (1-D: FSDP; 2-D: HSDP). ``blocks``: which submodules get
     their own FSDP unit (default: the repeated blocks; a predicate over ``(name, module)``; or a
-    list of types); the root always gets one. ``offload=True`` keeps parameters, gradients and
-    optimizer state on the CPU.
+    list of types; a transformers model's layers are found from its ``_no_split_modules``); the
+    root always gets one. ``offload=True`` keeps parameters, gradients and optimizer state on the
+    CPU. ``mixed_precision``: trainable bf16/fp16 parameters are first upcast to fp32 master
+    weights (one warning says which); without it dtypes are left alone, and if a unit's
+    trainable parameters mix dtypes the first forward raises a ``ShardingError`` naming them
+    (``_dtypes.py``).
 
     Communicates, per block and step: an all-gather of its parameters in the forward (and again
     in the backward when ``reshard_after_forward``), a reduce-scatter of its gradients over
@@ -100,6 +112,9 @@ def shard(
     pin = torch.cuda.is_available()
     kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=pin) if offload else OffloadPolicy()
     units = find_blocks(model, blocks, transform="shard")
+    check_tied_in_one_unit(model, units)
+    upcast = upcast_trainable_to_fp32(model) if mixed_precision is not None else []
+    mixed_dtypes = check_uniform_dtypes(model, units, mixed_precision=mixed_precision is not None)
     for _, block in units:
         fully_shard(block, **kwargs)
     # The root's parameters (embeddings, head) are gathered once per step, not resharded after
@@ -107,8 +122,11 @@ def shard(
     fully_shard(
         model, **{**kwargs, "reshard_after_forward": False if units else reshard_after_forward}
     )
+    if mixed_dtypes is not None:
+        refuse_forward(model, mixed_dtypes)
     options = {"blocks": tuple(n for n, _ in units), "reshard_after_forward": reshard_after_forward,
-               "mixed_precision": mixed_precision, "offload": offload}  # fmt: skip
+               "mixed_precision": mixed_precision, "offload": offload,
+               "upcast_to_fp32": tuple(upcast)}  # fmt: skip
     return mark(model, "shard", options=options, mesh=dp_mesh)
 
 

@@ -19,13 +19,17 @@ from torchdist.transforms._composition import (
     StepTransform,
     compose,
 )
+from torchdist.transforms._context_parallel import context_parallel
 from torchdist.transforms._optimize import optimize
+from torchdist.transforms._pipeline import PipelineState, pipeline_value_and_grad
 from torchdist.transforms._sync_grads import SyncGradsState, sync_grads
 from torchdist.transforms._value_and_grad import value_and_grad
 
 __all__ = [
     "compose",
     "value_and_grad",
+    "pipeline_value_and_grad",
+    "context_parallel",
     "autocast",
     "accumulate",
     "microbatches",
@@ -42,4 +46,5 @@ __all__ = [
     "Outcome",
     "AccumulateState",
     "SyncGradsState",
+    "PipelineState",
 ]

@@ -4,8 +4,8 @@ Gradients may be plain tensors (replicated after ``sync_grads``/``replicate``), 
 sharded by ``shard`` (FSDP2) and ``parallelize`` (tensor parallel), possibly on different meshes.
 The norm of each group of gradients that share a mesh is computed with
 ``torch.nn.utils.get_total_norm`` and made global with ``DTensor.full_tensor()`` (an all-reduce
-over the dimensions the gradients are sharded on); the groups' norms are then combined. fp16
-gradients are unscaled first.
+over the dimensions the gradients are sharded on); the groups' norms are then combined, and
+across the stages of a pipelined model (an all-reduce over pp). fp16 gradients are unscaled first.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torchdist.errors import StepError
 from torchdist.state import TrainState
 from torchdist.transforms import _loss_scale
 from torchdist.transforms._composition import Context, Layer, Phase, StepTransform
+from torchdist.transforms._pipeline import norm_across_stages
 
 __all__ = ["clip_grads", "global_grad_norm", "clip_by_norm"]
 
@@ -98,6 +99,7 @@ def clip_grads(max_norm: float, norm_type: float = 2.0) -> StepTransform:
                 outcome = outcome.replace(found_inf=_loss_scale.unscale(state.model, scaler))
             params = [p for p in state.model.parameters() if p.grad is not None]
             norm = global_grad_norm(params, norm_type)
+            norm = norm_across_stages(state.model, norm, norm_type)  # pp: every stage's grads
             clip_by_norm(params, max_norm, norm)
             return state, {**metrics, "grad_norm": norm.detach()}, outcome
 

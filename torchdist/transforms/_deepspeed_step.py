@@ -80,7 +80,8 @@ def engine_step(step: Any, state: TrainState, batch: Any) -> tuple[TrainState, A
     engine.backward(loss)  # divides by gradient_accumulation_steps, applies its loss scale
     metrics = metrics_of(loss, aux)
     if acc is not None:
-        state = state.with_transform_state("accumulate", type(acc)(0 if last else acc.count + 1, acc.k))
+        after = type(acc)(0 if last else acc.count + 1, acc.k)
+        state = state.with_transform_state("accumulate", after)
         metrics["update"] = torch.tensor(last)
     if "optimize" not in transforms:
         return state, metrics

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from torchdist._compat import amp_unscale_, amp_update_scale_
 from torchdist.state import LossScale, TrainState
 
 __all__ = ["unscale", "update", "initial"]
@@ -47,7 +48,7 @@ def unscale(model: torch.nn.Module, scaler: LossScale) -> torch.Tensor:
             grad = grad.to_local()
         groups.setdefault((grad.device, grad.dtype), []).append(grad)
     for grads in groups.values():
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+        amp_unscale_(grads, found_inf, inv_scale)
     if meshes:
         import torch.distributed as dist
 
@@ -60,7 +61,7 @@ def unscale(model: torch.nn.Module, scaler: LossScale) -> torch.Tensor:
 def update(scaler: LossScale, found_inf: torch.Tensor) -> LossScale:
     """The next ``LossScale``: backed off after an overflow, grown after enough clean steps."""
     scale, tracker = scaler.scale.clone(), scaler.growth_tracker.clone()
-    torch._amp_update_scale_(
+    amp_update_scale_(
         scale,
         tracker,
         found_inf,

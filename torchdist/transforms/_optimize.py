@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -87,9 +88,14 @@ def optimize(
                     found_inf = _loss_scale.unscale(state.model, scaler)
                 skipped = bool(found_inf.item())
                 metrics = {**metrics, "skipped": found_inf.detach() > 0}
-                state = state.with_transform_state("autocast", _loss_scale.update(scaler, found_inf))
+                scaler = _loss_scale.update(scaler, found_inf)
+                state = state.with_transform_state("autocast", scaler)
             elif nonfinite != "allow":
-                skipped = _nonfinite(metrics, state, nonfinite)
+                try:
+                    skipped = _nonfinite(metrics, state, nonfinite)
+                except StepError:  # the next call must not add to these gradients
+                    opt.zero_grad(set_to_none=True)
+                    raise
                 if nonfinite == "skip":
                     metrics = {**metrics, "skipped": torch.tensor(skipped)}
             if not skipped:
@@ -112,8 +118,12 @@ def _nonfinite(metrics: Any, state: TrainState, mode: str) -> bool:
     watched = {k: metrics[k] for k in ("loss", "grad_norm") if k in metrics}
     if not watched:
         return False
-    values = torch.stack([v.detach().float().reshape(()).to(v.device) for v in watched.values()])
-    if bool(torch.isfinite(values).all()):
+    total = None  # nan and inf survive a sum: one kernel and one host read for both values
+    for value in watched.values():
+        value = value.detach()
+        total = value if total is None else total + value.to(total.device)
+    finite = math.isfinite(total.item()) if total.numel() == 1 else bool(total.isfinite().all())
+    if finite:
         return False
     if mode == "raise":
         found = ", ".join(f"{k}={float(v):g}" for k, v in watched.items())
@@ -145,7 +155,8 @@ def check_optimizer_covers_model(opt: torch.optim.Optimizer, model: torch.nn.Mod
         )
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
     if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        shown = ", ".join(missing[:8]) + more
         raise CompositionError(
             f"{len(missing)} trainable parameter(s) are not in the optimizer: {shown}. They "
             "would never be updated, and their never-zeroed gradients would grow and skew "

@@ -30,8 +30,10 @@ from typing import Any
 
 import torch
 
+from torchdist._axes import check_axes_used
+from torchdist._compat import foreach_copy_
 from torchdist.collectives import Axis, resolve_group
-from torchdist.errors import ConfigError
+from torchdist.errors import CompositionError, ConfigError
 from torchdist.marks import data_parallel_owner
 from torchdist.state import TrainState
 from torchdist.topology import Topology
@@ -77,6 +79,7 @@ class GradSync:
         from torch.distributed.tensor import DTensor
 
         self.group = group
+        self.model = weakref.ref(model)  # to refuse a TrainState whose model was swapped
         self.size = dist.get_world_size(group)
         params = [p for p in model.parameters() if p.requires_grad]
         locals_ = {id(p): p.to_local() if isinstance(p, DTensor) else p for p in params}
@@ -159,7 +162,7 @@ class GradSync:
                     sources.append(grad)
                     targets.append(view)
             if sources:
-                torch._foreach_copy_(targets, sources)
+                foreach_copy_(targets, sources)
             bucket.buffer.div_(self.size)
         bucket.work = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
 
@@ -253,6 +256,10 @@ def sync_grads(
     first_bucket_bytes = min(int(first_bucket_mb * 2**20), bucket_bytes)
 
     def init(state: TrainState) -> SyncGradsState:
+        if axis == "dp":  # a tp/pp/cp axis > 1 that nothing uses: ranks would repeat work
+            # The step transforms inside it (bound first) count: context_parallel uses cp.
+            inner = ("sync_grads", *state.transforms)
+            check_axes_used(topo, state.model, what="sync_grads(topo)", uses=inner)
         reason = data_parallel_owner(state.model)
         if reason is None and topo.size(axis) == 1:
             reason = f"the {axis!r} axis has one rank: there is nothing to average"
@@ -268,6 +275,12 @@ def sync_grads(
             sync = state.transforms["sync_grads"].engine
             if sync is None:
                 return inner(state, batch, ctx)
+            if sync.model() is not state.model:
+                raise CompositionError(
+                    "TrainState.model is not the model this step's sync_grads was bound to "
+                    "(its gradient hooks are on the other one). After replacing the model, "
+                    "bind again: step.init(state.replace(transforms={}))."
+                )
             sync.begin()
             try:
                 state, metrics, outcome = inner(state, batch, ctx.replace(grad_sync=sync))
