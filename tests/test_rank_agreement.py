@@ -120,3 +120,51 @@ def test_uneven_inputs_stop_every_rank_at_the_shortest_without_a_hang(how):
     assert steps0 == steps1 == 3
     assert all(torch.equal(a, b) for a, b in zip(weights0, weights1))
     assert list(td.stop_at_shortest(iter([1, 2]), Topology.single())) == [1, 2]
+
+
+def test_join_lets_a_replicated_model_train_on_uneven_inputs_without_dropping_any():
+    """Rank 0 has 5 batches, rank 1 has 3. Inside td.join, rank 1 shadows rank 0's last two
+    gradient all-reduces (a zero gradient; divided by the initial world size, as torch does):
+    both end with the weights of that update rule computed by hand, and nothing hangs."""
+    from torchdist.sharding import replicate
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)) for _ in range(8)]
+    mine = {0: batches[:5], 1: batches[5:]}
+    init, lr = torch.nn.Linear(3, 1).state_dict(), 0.1
+
+    def loss(model, batch):
+        return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    def fn(topo):
+        model = torch.nn.Linear(3, 1)
+        model.load_state_dict(init)
+        model = replicate(model, topo)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        steps = 0
+        with td.join(model):
+            for batch in mine[topo.rank]:
+                opt.zero_grad()
+                loss(model, batch).backward()
+                opt.step()
+                steps += 1
+        return steps, [p.detach().clone() for p in model.parameters()]
+
+    (steps0, weights0), (steps1, weights1) = td.in_process(fn, 2, timeout=30)
+    reference = torch.nn.Linear(3, 1)
+    reference.load_state_dict(init)
+    for i in range(5):
+        grads = []
+        for batch in [mine[0][i]] + ([mine[1][i]] if i < 3 else []):
+            reference.zero_grad()
+            loss(reference, batch).backward()
+            grads.append([p.grad.clone() for p in reference.parameters()])
+        with torch.no_grad():
+            for j, p in enumerate(reference.parameters()):
+                p -= lr * sum(gr[j] for gr in grads) / 2
+    assert (steps0, steps1) == (5, 3)
+    for a, b, want in zip(weights0, weights1, reference.parameters()):
+        assert torch.equal(a, b) and torch.allclose(a, want, atol=1e-6)
+    with pytest.raises(td.CompositionError, match=r"td.stop_at_shortest"):
+        with td.join(torch.nn.Linear(2, 2)):
+            pass

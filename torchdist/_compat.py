@@ -23,6 +23,7 @@ __all__ = [
     "amp_unscale_",
     "amp_update_scale_",
     "foreach_copy_",
+    "set_schedule_loss",
 ]
 
 # Only one in-process world can swap torch's process-group registry at a time. This lock is the
@@ -192,3 +193,9 @@ def amp_update_scale_(scale, tracker, found_inf, growth: float, backoff: float, 
 def foreach_copy_(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     """``torch._foreach_copy_``: one fused copy of many tensors (DDP's bucketing uses it)."""
     torch._foreach_copy_(targets, sources)
+
+
+def set_schedule_loss(schedule, loss_fn) -> None:
+    """Replace a ``torch.distributed.pipelining`` schedule's loss function after it was built:
+    its private ``_loss_fn`` (2.13; the public API takes it only in the constructor)."""
+    schedule._loss_fn = loss_fn

@@ -1,6 +1,6 @@
 """Process control over a topology: `is_main`, `main_first`, `barrier`, `print0`,
-`split_between_ranks`, `any_rank` / `all_ranks` (cross-rank flags), `stop_at_shortest` (uneven
-inputs), `find_executable_batch_size`, `set_seed`, `sync_rng`.
+`split_between_ranks`, `any_rank` / `all_ranks` (cross-rank flags), `stop_at_shortest` and
+`join` (uneven inputs), `find_executable_batch_size`, `set_seed`, `sync_rng`.
 
 Each takes the topology it acts on. On a one-process topology that is not live they do the
 obvious single-process thing (no collectives), so the same script runs with and without a
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from torchdist._batch_size import find_executable_batch_size
+from torchdist._join import join
 from torchdist._rng import set_seed, sync_rng
 from torchdist.collectives import Axis, resolve_group
 from torchdist.errors import TopologyError
@@ -38,6 +39,7 @@ __all__ = [
     "any_rank",
     "all_ranks",
     "stop_at_shortest",
+    "join",
     "find_executable_batch_size",
     "set_seed",
     "sync_rng",
@@ -110,9 +112,9 @@ def stop_at_shortest(batches: Iterable[Any], topo: Topology, *, axis: Axis = Non
 
     For uneven inputs (ranks with different numbers of batches) with ``replicate`` or
     ``sync_grads``: without it, a rank that ran out leaves its peers waiting in the next
-    gradient all-reduce until the timeout. Each rank's extra batches are not used (torch's
-    ``Join``, where finished ranks shadow the others' collectives, is not built: see
-    docs/faults.md). Communicates: one ``all_reduce`` (min) of one int64 per batch, and one
+    gradient all-reduce until the timeout. Each rank's extra batches are not used; ``join``
+    keeps them for a ``replicate``d model whose loop issues no other collective.
+    Communicates: one ``all_reduce`` (min) of one int64 per batch, and one
     when the shortest rank ends.
 
     Example::

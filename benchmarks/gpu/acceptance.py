@@ -14,7 +14,7 @@ loop ``with torch.autocast(...): loss = loss_fn(model, batch)``, ``loss.backward
 
 Parity: the bf16 ``td`` and ``hand`` rows (same compile setting) see the same batches from the
 same weights; their losses must agree to ``--parity-atol`` at every step. The exit status is 1
-when parity fails or a row raised.
+when parity fails, when no parity pair was measured at all, or when a row raised.
 
 ``--cpu`` runs the same code on a tiny model on CPU in seconds (``compile`` with
 ``--compile-backend aot_eager`` there: Dynamo and AOTAutograd run, inductor's C++ codegen is

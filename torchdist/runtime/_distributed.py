@@ -34,8 +34,8 @@ __all__ = ["distributed", "as_timedelta"]
 _LEFT = "torchdist/left"  # in a rank-0-hosted store: how many ranks left its world
 _JOINED = "torchdist/joined"  # in a world's store: how many ranks arrived
 _ALL_JOINED = "torchdist/all_joined"  # set by the last rank to arrive
-_SAY_WAITING_AFTER_S = 10.0
-_MIN_JOIN_S = 60.0  # the default join_timeout is never shorter  # a rendezvous still short of ranks after this says so on stderr
+_SAY_WAITING_AFTER_S = 10.0  # a rendezvous still short of ranks after this says so on stderr
+_MIN_JOIN_S = 60.0  # the default join_timeout is never shorter
 
 
 def as_timedelta(timeout: float | datetime.timedelta) -> datetime.timedelta:
@@ -266,16 +266,26 @@ def _dump_stacks_on_sigterm() -> bool:
     return True
 
 
+def _from_torch_distributed(exc: BaseException) -> bool:
+    """An error of a collective or store (gloo's are plain RuntimeErrors naming their source
+    file), not any RuntimeError of the body (a DataLoader's "timed out" stays as it is)."""
+    import torch.distributed as dist
+
+    return isinstance(exc, dist.DistError) or "gloo" in str(exc).lower()
+
+
 def _is_timeout(exc: BaseException) -> bool:
     text = str(exc).lower()
-    # the last: TORCH_DISTRIBUTED_DEBUG=DETAIL's wrapper, whose barrier before each collective
-    # times out first
-    return "timed out" in text or "timeout" in text or "failed to pass monitoredbarrier" in text
+    if "failed to pass monitoredbarrier" in text:  # TORCH_DISTRIBUTED_DEBUG=DETAIL's wrapper
+        return True
+    return _from_torch_distributed(exc) and ("timed out" in text or "timeout" in text)
 
 
 def _peer_left(exc: BaseException) -> bool:
     text = str(exc).lower()
-    return "connection closed by peer" in text or "connection reset by peer" in text
+    return _from_torch_distributed(exc) and (
+        "connection closed by peer" in text or "connection reset by peer" in text
+    )
 
 
 def _peer_left_error(topo: Topology, exc: BaseException) -> RankError:

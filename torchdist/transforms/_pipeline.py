@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from torchdist._compat import set_schedule_loss
 from torchdist.errors import CompositionError, ConfigError, StepError
 from torchdist.state import TrainState
 from torchdist.transforms._composition import Base, Context, Outcome, Step
@@ -203,8 +204,8 @@ def _one_sync_after_all(sync: Any):
 
 def _set_loss(schedule: Any, fn: Callable) -> None:
     # torch's schedules take their loss_fn when built; ours changes per call (the Context's
-    # multiplier), so it is set on the schedule before each step (torch 2.13: `_loss_fn`).
-    schedule._loss_fn = fn
+    # multiplier), so it is set on the schedule before each step.
+    set_schedule_loss(schedule, fn)
 
 
 def _build(model: torch.nn.Module, loss_fn, n: int) -> PipelineState:
