@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # a row's failure is a result of the acceptance run
             first = str(exc).splitlines()[0][:120] if str(exc) else ""
             row.error = f"{type(exc).__name__}: {first}"
+        if row.error:  # after the except block: its traceback holds the row's model alive
             torch._dynamo.reset()
             reset_peak(device)  # an out-of-memory row must not take the next rows with it
         took[row.compiled] = max(took.get(row.compiled, 0.0),
