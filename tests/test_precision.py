@@ -153,7 +153,8 @@ def test_twice_raises_naming_the_order():
     model = autocast_fp8(build_gpt())
     with pytest.raises(
         td.CompositionError,
-        match=r"after autocast_fp8.*apply autocast_fp8 once.*autocast_fp8 -> pipeline -> parallelize",
+        match=r"after autocast_fp8.*apply autocast_fp8 once.*"
+        r"autocast_fp8 -> pipeline -> parallelize",
     ):
         autocast_fp8(model, Float8Recipe.rowwise())
     assert converted_layers(model) == DEFAULT_FP8_LAYERS  # unchanged
@@ -191,8 +192,8 @@ def test_after_shard_raises_naming_the_order():
         model = td.sharding.shard(build_gpt(), topo)
         with pytest.raises(
             td.CompositionError,
-            match=r"after shard.*autocast_fp8 -> pipeline -> parallelize -> checkpoint_activations -> "
-            r"compile -> shard",
+            match=r"after shard.*autocast_fp8 -> pipeline -> parallelize -> "
+            r"checkpoint_activations -> compile -> shard",
         ):
             autocast_fp8(model)
         from torch.distributed.fsdp import fully_shard

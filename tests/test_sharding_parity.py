@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from _sharding_models import PLAN, Model
 
 import torchdist as td
-from torchdist.transforms._accumulate import split_batch
 from torchdist.sharding import MixedPrecision, materialize, parallelize, replicate, shard
 from torchdist.transforms import (
     accumulate,
@@ -42,6 +41,7 @@ from torchdist.transforms import (
     sync_grads,
     value_and_grad,
 )
+from torchdist.transforms._accumulate import split_batch
 
 STEPS, GLOBAL_BATCH, LR, MAX_NORM, ATOL = 3, 16, 0.1, 0.5, 1e-6
 UNITS = 3  # FSDP units of Model under shard(): its two repeated blocks and the root

@@ -11,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import torchdist as td
-from torchdist.transforms._accumulate import split_batch
 from torchdist.sharding import parallelize
 from torchdist.transforms import (
     accumulate,
@@ -21,6 +20,7 @@ from torchdist.transforms import (
     sync_grads,
     value_and_grad,
 )
+from torchdist.transforms._accumulate import split_batch
 
 PLAN = {"blocks.*.up": "colwise", "blocks.*.down": "rowwise"}
 

@@ -1,4 +1,4 @@
-"""sync_grads bookkeeping: a small first bucket, and hooks that leave with the state holding them."""
+"""sync_grads bookkeeping: a small first bucket; hooks that leave with the state holding them."""
 
 from __future__ import annotations
 

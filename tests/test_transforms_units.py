@@ -21,12 +21,12 @@ import torchdist as td
 from torchdist.errors import CompositionError, ConfigError, StepError
 from torchdist.transforms import (
     accumulate,
-    microbatches,
     autocast,
     clip_grads,
     compile,
     compiled_regions,
     compose,
+    microbatches,
     optimize,
     sync_grads,
     value_and_grad,
