@@ -11,12 +11,18 @@ NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").g
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(path: pathlib.Path) -> None:
+def test_notebook_runs(path: pathlib.Path, tmp_path: pathlib.Path) -> None:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
+    from jupyter_client.manager import KernelManager
+
     notebook = nbformat.read(path, as_version=4)
+    # Unix sockets, not TCP: a TCP kernel picks free ports and binds them a moment later, and
+    # the gloo and torchrun worlds of the tests running beside it may take one in between.
+    kernel = KernelManager(kernel_name="python3", transport="ipc", ip=str(tmp_path / "kernel"))
     client = nbclient.NotebookClient(
         notebook,
+        km=kernel,
         timeout=240,
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent)}},

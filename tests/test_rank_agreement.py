@@ -168,3 +168,58 @@ def test_join_lets_a_replicated_model_train_on_uneven_inputs_without_dropping_an
     with pytest.raises(td.CompositionError, match=r"td.stop_at_shortest"):
         with td.join(torch.nn.Linear(2, 2)):
             pass
+
+
+@pytest.mark.parametrize("divide_by_initial_world_size", [True, False])
+def test_join_lets_sync_grads_train_on_uneven_inputs_without_dropping_any(
+    divide_by_initial_world_size,
+):
+    """The same under ``sync_grads`` (``td.join(state)``), through the composed step, with
+    ``accumulate(2)``: rank 0 has 10 batches (5 updates), rank 1 has 6 (3). Rank 1 shadows rank
+    0's last two updates' bucketed all-reduces (and none on micro-steps); the divisor is the
+    initial world size or the ranks still training; at the end both hold rank 0's weights."""
+    from torchdist.transforms import accumulate, compose, optimize, sync_grads, value_and_grad
+
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)) for _ in range(16)]
+    mine = {0: batches[:10], 1: batches[10:]}
+    init, lr = torch.nn.Linear(3, 1).state_dict(), 0.1
+
+    def loss(model, batch):
+        return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    def fn(topo):
+        model = torch.nn.Linear(3, 1)
+        model.load_state_dict(init)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        step = compose(optimize(opt), sync_grads(topo, bucket_mb=1e-6), accumulate(2))(
+            value_and_grad(loss)
+        )
+        state = step.init(td.TrainState(model, opt))
+        assert state.transforms["sync_grads"].buckets == 2  # weight and bias: two buckets
+        updates = 0
+        with td.join(state, divide_by_initial_world_size=divide_by_initial_world_size):
+            for batch in mine[topo.rank]:
+                state, metrics = step(state, batch)
+                updates += int(metrics["update"])
+        return updates, [p.detach().clone() for p in model.parameters()]
+
+    (updates0, weights0), (updates1, weights1) = td.in_process(fn, 2, timeout=60)
+    reference = torch.nn.Linear(3, 1)
+    reference.load_state_dict(init)
+    for u in range(5):
+        active = [0, 1] if u < 3 else [0]
+        total = None
+        for rank in active:
+            reference.zero_grad()
+            for batch in mine[rank][2 * u : 2 * u + 2]:
+                (loss(reference, batch) / 2).backward()
+            grads = [p.grad.clone() for p in reference.parameters()]
+            total = grads if total is None else [a + b for a, b in zip(total, grads)]
+        divisor = 2 if divide_by_initial_world_size else len(active)
+        with torch.no_grad():
+            for p, grad in zip(reference.parameters(), total):
+                p -= lr * grad / divisor
+    assert (updates0, updates1) == (5, 3)
+    for a, b, want in zip(weights0, weights1, reference.parameters()):
+        assert torch.equal(a, b) and torch.allclose(a, want, atol=1e-6)

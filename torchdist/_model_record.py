@@ -9,6 +9,7 @@ nothing else writes what was applied. See docs/model_transforms.md. Communicates
 from __future__ import annotations
 
 import copy
+import dataclasses
 import enum
 import types
 from collections.abc import Callable, Mapping
@@ -174,11 +175,13 @@ class AppliedTransform:
 
 @dataclass(frozen=True)
 class ModelRecord:
-    """What torchdist's model transforms did to one model, oldest first, and the hooks
-    ``optimize`` runs after every applied optimizer step (e.g. fp8 scale precompute)."""
+    """What torchdist's model transforms did to one model, oldest first, the hooks
+    ``optimize`` runs after every applied optimizer step (e.g. fp8 scale precompute), and, for a
+    model ``torchdist.inference.load_and_dispatch`` placed, its ``Dispatched`` record."""
 
     transforms: tuple[AppliedTransform, ...] = ()
     after_optimizer_step: tuple[Callable[[], Any], ...] = ()
+    dispatch: Any = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -216,7 +219,14 @@ def record(
     old = record_of(model)
     applied = AppliedTransform(name, PHASES[name], dict(options or {}), mesh)
     hooks = old.after_optimizer_step + ((after_optimizer_step,) if after_optimizer_step else ())
-    object.__setattr__(model, _ATTR, ModelRecord(old.transforms + (applied,), hooks))
+    object.__setattr__(model, _ATTR, dataclasses.replace(
+        old, transforms=old.transforms + (applied,), after_optimizer_step=hooks))  # fmt: skip
+    return model
+
+
+def record_dispatch(model: Any, dispatched: Any) -> Any:
+    """Keep ``load_and_dispatch``'s ``Dispatched`` record in ``model``'s one record."""
+    object.__setattr__(model, _ATTR, dataclasses.replace(record_of(model), dispatch=dispatched))
     return model
 
 

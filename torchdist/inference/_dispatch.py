@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from torchdist._model_record import record_dispatch, record_of
 from torchdist.errors import CheckpointError, CompositionError, ConfigError, DeviceMapError
 from torchdist.inference._device_map import (
     DeviceMap,
@@ -39,7 +40,6 @@ from torchdist.inference._weights import (
 __all__ = ["load_and_dispatch", "Dispatched", "dispatched"]
 
 _LISTED = 12
-_ATTR = "_torchdist_dispatch"
 
 
 @dataclass
@@ -62,7 +62,7 @@ class Dispatched:
 
 def dispatched(model: nn.Module) -> Dispatched | None:
     """The ``Dispatched`` record of a model ``load_and_dispatch`` returned, or None."""
-    return getattr(model, _ATTR, None)
+    return record_of(model).dispatch
 
 
 def _move(value: Any, device: torch.device) -> Any:
@@ -212,7 +212,7 @@ def load_and_dispatch(
             stored_bytes[home] = stored_bytes.get(home, 0) + size
     record = Dispatched(dmap, stored_bytes, 0, _files=files)
     _install(model, groups, dmap, store, record, no_split)
-    setattr(model, _ATTR, record)
+    record_dispatch(model, record)
     weakref.finalize(model, _close_all, files)  # the open checkpoint files go with the model
     return model
 

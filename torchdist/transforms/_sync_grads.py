@@ -90,6 +90,11 @@ class GradSync:
         self._paused = False
         self.was_paused = False
         self._next = 0
+        # Inside td.join(state): a callable that tells torch's Join this rank still trains (one
+        # all-reduce before the step's first bucket), and whether to average over active ranks.
+        self.join_notify: Any = None
+        self.divide_by_active = False
+        self._join_work: Any = None
         me = weakref.ref(self)
 
         def on_grad(param: torch.Tensor) -> None:
@@ -108,6 +113,7 @@ class GradSync:
         self._next = 0
         self._active = True
         self.was_paused = False
+        self._join_work = None
 
     def finish(self) -> None:
         """Launch what the backward did not, wait for everything, install the averaged grads."""
@@ -115,11 +121,44 @@ class GradSync:
             while self._next < len(self.buckets):
                 self._launch(self.buckets[self._next])
                 self._next += 1
+            scale = None
+            if self._join_work:  # inside td.join: how many ranks still train this step
+                self._join_work.wait()
+                if self.divide_by_active:
+                    scale = self.size / self._join_work.result()[0].item()
             for bucket in self.buckets:
                 bucket.work.wait()
+                if scale is not None and scale != 1.0:
+                    bucket.buffer.mul_(scale)
                 self._install(bucket)
         finally:
             self._active = False
+
+    # ------------------------------------------------------------------ uneven inputs (join)
+    def shadow(self) -> None:
+        """On a rank that ran out of batches: the all-reduces of one step of the others, with
+        zeros, bucket by bucket, in their order (torch ``Join``'s main hook)."""
+        import torch.distributed as dist
+
+        for bucket in self.buckets:
+            bucket.buffer.zero_()
+            dist.all_reduce(bucket.buffer, group=self.group)
+
+    def sync_parameters_from_last_joiner(self, is_last_joiner: bool) -> None:
+        """After a join: every rank takes the parameters of a rank that trained to the end."""
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
+
+        me = torch.tensor(dist.get_rank() if is_last_joiner else -1, dtype=torch.int64,
+                          device=self.buckets[0].device if self.buckets else "cpu")  # fmt: skip
+        dist.all_reduce(me, op=dist.ReduceOp.MAX, group=self.group)
+        model = self.model()
+        if model is None:
+            return
+        with torch.no_grad():
+            for param in model.parameters():
+                local = param.to_local() if isinstance(param, DTensor) else param
+                dist.broadcast(local.data, src=int(me.item()), group=self.group)
 
     def abort(self) -> None:
         self._active = False
@@ -149,6 +188,9 @@ class GradSync:
 
     def _launch(self, bucket: _Bucket) -> None:
         import torch.distributed as dist
+
+        if self.join_notify is not None and self._join_work is None:
+            self._join_work = self.join_notify() or False  # before the step's first bucket
 
         sources, targets = [], []
         with torch.no_grad():
