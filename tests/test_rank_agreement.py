@@ -122,19 +122,26 @@ def test_uneven_inputs_stop_every_rank_at_the_shortest_without_a_hang(how):
     assert list(td.stop_at_shortest(iter([1, 2]), Topology.single())) == [1, 2]
 
 
+def _uneven(n0: int, n1: int, seed: int):
+    """Rank 0's ``n0`` and rank 1's ``n1`` batches of a 3 -> 1 regression, and one initial
+    ``Linear``'s weights (built here: in-process ranks are threads sharing torch's RNG)."""
+    g = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g))
+               for _ in range(n0 + n1)]  # fmt: skip
+    return {0: batches[:n0], 1: batches[n0:]}, torch.nn.Linear(3, 1).state_dict()
+
+
+def _mse(model, batch):
+    return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
+
 def test_join_lets_a_replicated_model_train_on_uneven_inputs_without_dropping_any():
     """Rank 0 has 5 batches, rank 1 has 3. Inside td.join, rank 1 shadows rank 0's last two
     gradient all-reduces (a zero gradient; divided by the initial world size, as torch does):
     both end with the weights of that update rule computed by hand, and nothing hangs."""
     from torchdist.sharding import replicate
 
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)) for _ in range(8)]
-    mine = {0: batches[:5], 1: batches[5:]}
-    init, lr = torch.nn.Linear(3, 1).state_dict(), 0.1
-
-    def loss(model, batch):
-        return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+    (mine, init), lr, loss = _uneven(5, 3, seed=0), 0.1, _mse
 
     def fn(topo):
         model = torch.nn.Linear(3, 1)
@@ -180,13 +187,7 @@ def test_join_lets_sync_grads_train_on_uneven_inputs_without_dropping_any(
     initial world size or the ranks still training; at the end both hold rank 0's weights."""
     from torchdist.transforms import accumulate, compose, optimize, sync_grads, value_and_grad
 
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)) for _ in range(16)]
-    mine = {0: batches[:10], 1: batches[10:]}
-    init, lr = torch.nn.Linear(3, 1).state_dict(), 0.1
-
-    def loss(model, batch):
-        return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+    (mine, init), lr, loss = _uneven(10, 6, seed=1), 0.1, _mse
 
     def fn(topo):
         model = torch.nn.Linear(3, 1)
