@@ -242,9 +242,17 @@ def _lm_batches():
     return ids, labels
 
 
-def _lm():
-    torch.manual_seed(0)
+def _lm_shape():
     return torch.nn.Sequential(torch.nn.Embedding(V, 8), torch.nn.Linear(8, V))
+
+
+_LM_INIT = _lm_shape().state_dict()  # built once: in-process ranks are threads sharing the RNG
+
+
+def _lm():
+    model = _lm_shape()
+    model.load_state_dict(_LM_INIT)
+    return model
 
 
 def _token_step(topo):

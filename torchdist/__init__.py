@@ -16,7 +16,6 @@ from torchdist.collectives import (
     all_reduce,
     broadcast,
     gather,
-    gather_for_metrics,
     gather_object,
     pad_across_ranks,
 )
@@ -46,7 +45,7 @@ from torchdist.errors import (
     TopologyError,
     TorchdistError,
 )
-from torchdist.metrics import MetricsLogger
+from torchdist.metrics import MetricsLogger, gather_for_metrics
 from torchdist.placement import to_device
 from torchdist.runtime import distributed, in_process, spawn
 from torchdist.state import LossScale, TrainState

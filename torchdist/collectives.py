@@ -1,5 +1,5 @@
-"""Pytree collectives: `all_reduce`, `gather`, `gather_object`, `broadcast`, `pad_across_ranks`,
-`gather_for_metrics`.
+"""Pytree collectives: `all_reduce`, `gather`, `gather_object`, `broadcast`, `pad_across_ranks`
+(and, built on `gather`, `gather_for_metrics` in `metrics.py`).
 
 Each takes a pytree (optree: dicts, lists, tuples, namedtuples, dataclasses registered with
 optree) and says what it runs over: a live ``Topology`` (the whole world, or ``axis=`` one mesh
@@ -36,7 +36,6 @@ __all__ = [
     "gather_object",
     "broadcast",
     "pad_across_ranks",
-    "gather_for_metrics",
     "resolve_group",
 ]
 
@@ -356,49 +355,3 @@ def pad_across_ranks(
         out.append(torch.cat([pad, leaf] if pad_first else [leaf, pad], dim=d))
     return optree.tree_unflatten(treedef, out)
 
-
-def gather_for_metrics(
-    tree: Any,
-    over: Over,
-    *,
-    dataset_len: int | None = None,
-    samples_seen: int = 0,
-    loader: Any = None,
-    axis: Axis = "dp",
-    check: bool | None = None,
-) -> Any:
-    """``gather`` over the data-parallel ranks, minus the samples that even batches repeated.
-
-    ``shard_loader(even_batches=True)`` pads the last global batch by repeating samples, at its
-    end. Given the ``dataset_len`` and how many samples of this epoch were gathered before this
-    batch (``samples_seen``), the rows past ``dataset_len`` are dropped, so every sample is
-    counted exactly once. Over a ``Topology`` the default axis is ``"dp"``: ranks that differ
-    only in ``tp``/``cp``/``pp`` hold the same samples and are not gathered twice. With
-    ``loader=`` (any ``td.data.shard_loader``) the rows kept are the real samples of the global
-    batch it yielded last (``loader.batch_real``): no bookkeeping needed.
-
-    Communicates: as ``gather``.
-
-    Example::
-
-        for x, y in loader:
-            preds = td.gather_for_metrics(model(x).argmax(-1), topo, loader=loader)
-    """
-    if not isinstance(over, Topology):
-        axis = None if axis == "dp" else axis
-    if loader is not None and dataset_len is not None:
-        raise CollectiveError("gather_for_metrics: pass loader= or dataset_len=, not both.")
-    gathered = gather(tree, over, axis=axis, check=check)
-    if loader is not None:
-        keep = int(loader.batch_real)
-    elif dataset_len is None:
-        return gathered
-    else:
-        keep = max(dataset_len - samples_seen, 0)
-    leaves, treedef = optree.tree_flatten(gathered)
-    lengths = {leaf.shape[0] for leaf in leaves}
-    if len(lengths) > 1:
-        raise CollectiveError(
-            f"gather_for_metrics needs leaves with one batch dimension, found lengths {lengths}."
-        )
-    return optree.tree_unflatten(treedef, [leaf[:keep] for leaf in leaves])

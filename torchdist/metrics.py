@@ -1,4 +1,5 @@
-"""`MetricsLogger(topo, dir)`: metrics reduced across ranks when logged, written by rank 0.
+"""Metrics: `MetricsLogger(topo, dir)` (reduced across ranks when logged, written by rank 0) and
+`gather_for_metrics` (every evaluation sample exactly once, across the data-parallel ranks).
 
 Rank 0 appends one JSON object per logged step to ``dir/metrics.jsonl`` and writes TensorBoard
 scalar events to ``dir``: with ``tensorboard=None`` (the default) when the ``tensorboard`` package
@@ -40,10 +41,11 @@ from typing import Any
 import optree
 import torch
 
-from torchdist.collectives import Axis, all_reduce
+from torchdist.collectives import Axis, Over, all_reduce, gather
+from torchdist.errors import CollectiveError
 from torchdist.topology import Topology
 
-__all__ = ["MetricsLogger"]
+__all__ = ["MetricsLogger", "gather_for_metrics"]
 
 
 class MetricsLogger:
@@ -133,3 +135,50 @@ class MetricsLogger:
 def _flat(metrics: Any) -> dict[str, Any]:
     paths, leaves, _ = optree.tree_flatten_with_path(metrics)
     return {"/".join(map(str, path)): leaf for path, leaf in zip(paths, leaves)}
+
+
+def gather_for_metrics(
+    tree: Any,
+    over: Over,
+    *,
+    dataset_len: int | None = None,
+    samples_seen: int = 0,
+    loader: Any = None,
+    axis: Axis = "dp",
+    check: bool | None = None,
+) -> Any:
+    """``gather`` over the data-parallel ranks, minus the samples that even batches repeated.
+
+    ``shard_loader(even_batches=True)`` pads the last global batch by repeating samples, at its
+    end. Given the ``dataset_len`` and how many samples of this epoch were gathered before this
+    batch (``samples_seen``), the rows past ``dataset_len`` are dropped, so every sample is
+    counted exactly once. Over a ``Topology`` the default axis is ``"dp"``: ranks that differ
+    only in ``tp``/``cp``/``pp`` hold the same samples and are not gathered twice. With
+    ``loader=`` (any ``td.data.shard_loader``) the rows kept are the real samples of the global
+    batch it yielded last (``loader.batch_real``): no bookkeeping needed.
+
+    Communicates: as ``gather``.
+
+    Example::
+
+        for x, y in loader:
+            preds = td.gather_for_metrics(model(x).argmax(-1), topo, loader=loader)
+    """
+    if not isinstance(over, Topology):
+        axis = None if axis == "dp" else axis
+    if loader is not None and dataset_len is not None:
+        raise CollectiveError("gather_for_metrics: pass loader= or dataset_len=, not both.")
+    gathered = gather(tree, over, axis=axis, check=check)
+    if loader is not None:
+        keep = int(loader.batch_real)
+    elif dataset_len is None:
+        return gathered
+    else:
+        keep = max(dataset_len - samples_seen, 0)
+    leaves, treedef = optree.tree_flatten(gathered)
+    lengths = {leaf.shape[0] for leaf in leaves}
+    if len(lengths) > 1:
+        raise CollectiveError(
+            f"gather_for_metrics needs leaves with one batch dimension, found lengths {lengths}."
+        )
+    return optree.tree_unflatten(treedef, [leaf[:keep] for leaf in leaves])
