@@ -14,6 +14,7 @@ import functools
 import pytest
 import torch
 import torch.nn as nn
+from _seeded import seeded
 
 # A test module importing this one is skipped, not failed, where transformers is missing.
 transformers = pytest.importorskip("transformers")
@@ -67,11 +68,6 @@ LAYERS = {
     "bert": ("bert.encoder.layer.0", "bert.encoder.layer.1"),
 }
 
-
-def seeded(seed: int, build):
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return build()
 
 
 @functools.cache

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 import torch.nn.functional as F
 from _pipeline_models import PLAN, Model
+from _seeded import seeded
 
 import torchdist as td
 from torchdist.errors import CompositionError, ConfigError, ShardingError, StepError
@@ -43,13 +44,8 @@ from torchdist.transforms import (
 STEPS, GLOBAL_BATCH, LR, MAX_NORM, ATOL, MICRO = 3, 8, 0.1, 0.5, 1e-6, 4
 
 
-def _seeded(seed, build):
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return build()
 
-
-MODEL0 = _seeded(0, Model)
+MODEL0 = seeded(0, Model)
 _GEN = torch.Generator().manual_seed(1)
 BATCHES = [
     (torch.randn(GLOBAL_BATCH, 6, generator=_GEN), torch.randn(GLOBAL_BATCH, 3, generator=_GEN))

@@ -11,19 +11,13 @@ import copy
 import torch
 import torch.nn.functional as F
 from _pipeline_models import Model
+from _seeded import seeded
 
 import torchdist as td
 from torchdist.sharding import pipeline
 from torchdist.transforms import compose, optimize, pipeline_value_and_grad, value_and_grad
 
-
-def _seeded(seed, build):
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return build()
-
-
-MODEL0 = _seeded(0, Model)
+MODEL0 = seeded(0, Model)
 _GEN = torch.Generator().manual_seed(2)
 BATCH = (torch.randn(8, 6, generator=_GEN), torch.randn(8, 3, generator=_GEN))
 

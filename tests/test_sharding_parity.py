@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from _seeded import seeded
 from _sharding_models import PLAN, Model
 
 import torchdist as td
@@ -53,13 +54,8 @@ DDP_DEBUG = "INFO"
 # --------------------------------------------------------------------------- model and data
 
 
-def _seeded(seed: int, build):
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return build()
 
-
-MODEL0 = _seeded(0, Model)
+MODEL0 = seeded(0, Model)
 _GEN = torch.Generator().manual_seed(1)
 BATCHES = [
     (torch.randn(GLOBAL_BATCH, 8, generator=_GEN), torch.randn(GLOBAL_BATCH, 5, generator=_GEN))

@@ -39,14 +39,13 @@ from typing import Any
 
 import torch
 
+from torchdist._hf_layout import INDEX, SINGLE
 from torchdist.collectives import broadcast
 from torchdist.errors import CheckpointError
 from torchdist.topology import Topology
 
 __all__ = ["export_safetensors"]
 
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # transformers' default "5GB"
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

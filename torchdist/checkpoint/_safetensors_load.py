@@ -17,7 +17,6 @@ architectures (its conversion mappings) are not applied: names must match ``stat
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -25,7 +24,8 @@ from typing import Any
 
 import torch
 
-from torchdist.checkpoint._safetensors import _LISTED, INDEX, SINGLE, _entries, _is_dtensor
+from torchdist._hf_layout import INDEX, SINGLE, listed_files
+from torchdist.checkpoint._safetensors import _LISTED, _entries, _is_dtensor
 from torchdist.errors import CheckpointError
 from torchdist.topology import Topology
 
@@ -106,15 +106,8 @@ def _read_layout(root: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``{name: (file, shape)}`` of an export directory."""
     from safetensors import safe_open
 
-    if os.path.isfile(os.path.join(root, INDEX)):
-        try:
-            with open(os.path.join(root, INDEX), encoding="utf-8") as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as exc:
-            raise CheckpointError(f"{root}/{INDEX} is unreadable or corrupted: {exc!r}.") from None
-    elif os.path.isfile(os.path.join(root, SINGLE)):
-        files = [SINGLE]
-    else:
+    files = listed_files(root)
+    if files is None:
         found = (
             sorted(os.listdir(root))[:8] if os.path.isdir(root) else "nothing (no such directory)"
         )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from torchdist._hf_layout import INDEX, SINGLE, listed_files  # noqa: F401 - SINGLE: its names
 from torchdist.errors import CheckpointError, ConfigError, DeviceMapError
 
 __all__ = [
@@ -24,10 +25,8 @@ __all__ = [
     "check_writable",
 ]  # fmt: skip
 
-# The names and dtype codes export_safetensors writes (torchdist.checkpoint._safetensors; a test
-# keeps them in step): importing that module would import DCP, which inference does not need.
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
+# The dtype codes export_safetensors writes (torchdist.checkpoint._safetensors; a test keeps
+# them in step): importing that module would import DCP, which inference does not need.
 _CODES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -79,15 +78,8 @@ def index_safetensors(path: str) -> dict[str, TensorLoc]:
     (``model.safetensors``, or shards listed in ``model.safetensors.index.json``)."""
     if os.path.isfile(path):
         return _file_index(path) if path.endswith(".safetensors") else {}
-    if os.path.isfile(os.path.join(path, INDEX)):
-        try:
-            with open(os.path.join(path, INDEX), encoding="utf-8") as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as exc:
-            raise CheckpointError(f"{path}/{INDEX} is unreadable or corrupted: {exc!r}.") from None
-    elif os.path.isfile(os.path.join(path, SINGLE)):
-        files = [SINGLE]
-    else:
+    files = listed_files(path)
+    if files is None:
         files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors")) if (
             os.path.isdir(path)) else []  # fmt: skip
     found: dict[str, TensorLoc] = {}
