@@ -12,6 +12,9 @@ never reaches zero -- relative comparisons of final losses stay meaningful.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -59,6 +62,24 @@ DEFAULT_FP8_LAYERS = (
     "blocks.0.qkv", "blocks.0.proj", "blocks.0.up", "blocks.0.down",
     "blocks.1.qkv", "blocks.1.proj", "blocks.1.up", "blocks.1.down",
 )  # fmt: skip
+
+
+@contextlib.contextmanager
+def onednn_off() -> Iterator[None]:
+    """Run CPU ``torch._scaled_mm`` on torch's emulated path (dequantize, then a float matmul).
+
+    With oneDNN on, torch 2.13 sends tensorwise-scaled fp8 matmuls to oneDNN, which on a CPU
+    without fp8 instructions (AMX-FP16/AVX10.2) runs its reference kernel: about 80 ms for a
+    128x64x256 product, 180x the emulated path, and the fp8 tests' whole cost on such a
+    machine. The results are the same; only the process-wide oneDNN switch is flipped, so
+    enter it in the main thread, around the worlds it should cover.
+    """
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
 def build_gpt(seed: int = 0, **kwargs) -> GPT:

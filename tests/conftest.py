@@ -32,3 +32,12 @@ def _fresh_rng():
     """Each test starts from the same global RNG state, whatever ran before it."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def emulated_fp8_matmuls():
+    """CPU fp8 matmuls on torch's emulated path for the test (``_precision_models.onednn_off``)."""
+    from _precision_models import onednn_off
+
+    with onednn_off():
+        yield

@@ -28,13 +28,20 @@ def _load(name: str, path: str):
     return module
 
 
-def test_gpu_acceptance_cpu_smoke_runs_every_row_and_passes_parity(capsys):
+def _smoke(argv: list[str]) -> int:
+    """The acceptance script's ``main(argv)``, in this process; the process-wide settings its
+    ``--cpu`` mode changes (threads, oneDNN) are put back afterwards."""
     acceptance = _load("bench_gpu_acceptance", "benchmarks/gpu/acceptance.py")
-    threads = torch.get_num_threads()
+    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
     try:
-        rc = acceptance.main(["--cpu"])
+        return acceptance.main(argv)
     finally:
         torch.set_num_threads(threads)
+        torch.backends.mkldnn.enabled = onednn
+
+
+def test_gpu_acceptance_cpu_smoke_runs_every_row_and_passes_parity(capsys):
+    rc = _smoke(["--cpu"])
     out = capsys.readouterr().out
     assert rc == 0, out
     table = [line for line in out.splitlines() if line.split()[:1] in (["bf16"], ["tensorwise"],
@@ -71,12 +78,7 @@ def test_apply_compile_compiles_through_torchdist_whichever_kind_compile_is():
 
 def test_gpu_acceptance_budget_skips_rows_and_nothing_measured_is_not_accepted(capsys):
     """A spent budget skips every row, names why, and a run that measured no parity fails."""
-    acceptance = _load("bench_gpu_acceptance", "benchmarks/gpu/acceptance.py")
-    threads = torch.get_num_threads()
-    try:
-        rc = acceptance.main(["--cpu", "--budget-s", "-1", "--recipes", "bf16"])
-    finally:
-        torch.set_num_threads(threads)
+    rc = _smoke(["--cpu", "--budget-s", "-1", "--recipes", "bf16"])
     out = capsys.readouterr().out
     assert rc == 1, out
     rows = [line for line in out.splitlines() if line.startswith("bf16 ") and "parity" not in line]

@@ -238,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         defaults = {"batch": 2, "warmup": 1, "steps": 1, "budget_s": 270.0, "parity_atol": 1e-4,
                     "compile_backend": "aot_eager"}  # fmt: skip
         torch.set_num_threads(1)  # seconds, on a shared machine
+        # oneDNN runs tensorwise fp8 matmuls with its reference kernel on CPUs without fp8
+        # instructions (~180x torch's emulated path, same results): the smoke takes the latter
+        torch.backends.mkldnn.enabled = False
     else:
         if not torch.cuda.is_available():
             print("no CUDA device: run with --cpu for the smoke mode", file=sys.stderr)
