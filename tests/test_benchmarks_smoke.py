@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from _precision_models import onednn_off
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,12 +33,12 @@ def _smoke(argv: list[str]) -> int:
     """The acceptance script's ``main(argv)``, in this process; the process-wide settings its
     ``--cpu`` mode changes (threads, oneDNN) are put back afterwards."""
     acceptance = _load("bench_gpu_acceptance", "benchmarks/gpu/acceptance.py")
-    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    threads = torch.get_num_threads()
     try:
-        return acceptance.main(argv)
+        with onednn_off():  # restores the oneDNN switch the script turns off
+            return acceptance.main(argv)
     finally:
         torch.set_num_threads(threads)
-        torch.backends.mkldnn.enabled = onednn
 
 
 def test_gpu_acceptance_cpu_smoke_runs_every_row_and_passes_parity(capsys):
