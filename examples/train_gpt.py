@@ -225,7 +225,8 @@ def build_step(args, topo: td.Topology, model: nn.Module):
     return model, opt, sched, step
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Train; ``argv`` defaults to the command line (a test runs two trainings in one job)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
@@ -258,7 +259,7 @@ def main() -> None:
     parser.add_argument("--run-dir", default="runs/train_gpt",
                         help="metrics.jsonl (+ TensorBoard events) and loss.png go here; '' for "
                         "none")  # fmt: skip
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     # The launch mesh (torchdist launch --mesh, TORCHDIST_MESH) wins; without one, --parallel
     # tp / replicate / pp / cp put the whole world on that axis, and a combination gives each

@@ -104,3 +104,36 @@ def test_worlds_do_not_leave_their_gloo_threads_behind():
         world()
     after = len(os.listdir("/proc/self/task"))
     assert after <= before + 8, (before, after)
+
+
+def _rank(topo: td.Topology) -> int:
+    return topo.rank
+
+
+def test_spawn_and_loader_workers_keep_the_callers_own_gc_freeze():
+    """A process that froze its heap itself (a server before forking its workers; this suite,
+    after collection) keeps it frozen through torchdist's forks: ``gc.unfreeze`` after them
+    would thaw the caller's objects too."""
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    assert td.spawn(_rank, 2, timeout=60) == [0, 1]
+    assert gc.get_freeze_count() >= frozen
+    loader = td.shard_loader(list(range(8)), td.Topology.single(), batch_size=4, shuffle=False,
+                           num_workers=1)
+    assert [batch.tolist() for batch in loader] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert gc.get_freeze_count() >= frozen
+
+
+def test_a_fork_without_a_callers_freeze_leaves_the_collector_as_it_was():
+    """Without the caller's freeze, the parent's objects are collectable again after the fork."""
+    from torchdist.runtime._forksafe import collector_frozen
+
+    frozen_before = gc.get_freeze_count()
+    gc.unfreeze()  # this test's premise: nothing frozen (the suite froze its imports)
+    try:
+        with collector_frozen():
+            assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() == 0
+    finally:
+        if frozen_before:
+            gc.freeze()

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import subprocess
 import sys
@@ -136,32 +137,37 @@ def test_buffers_given_or_already_real_are_kept():
 # ------------------------------------------------------------------- 2. spawn after torch.compile
 @pytest.mark.multiprocess
 @pytest.mark.timeout(180)
-def test_spawn_after_a_real_compile_in_the_caller_does_not_hang(tmp_path):
-    # A fresh inductor cache so the compiles really run (a warm cache would hide the hang), and
-    # two compile threads so the caller owns the compile pool a forked rank inherits.
+def test_spawn_after_a_real_compile_in_the_caller_does_not_hang():
+    # The hang needs a real C++ kernel build in the caller (with two compile threads, so the
+    # caller owns the compile thread pool a forked rank inherits) and another in each rank. A
+    # constant new to every run makes both kernels new to inductor's cache, so both builds really
+    # run, while the cache's one-off work (its CPU-feature probes, ~15 s here) is shared with the
+    # suite's other compiles. Without the fix the ranks wait forever (checked by hand: spawn's
+    # timeout fires).
+    constant = 1.0 + random.SystemRandom().random()  # not the seeded generator: new every run
     done = _python(
-        """
+        f"""
         import torch, torchdist as td
-        f = torch.compile(lambda x: (x.sin() + 1).sum())
+        from torch._inductor.async_compile import AsyncCompile
+        f = torch.compile(lambda x: (x.sin() + {constant!r}).sum())
         f(torch.randn(8))
+        print("CALLER POOL", AsyncCompile.pool.cache_info().currsize)
 
         def rank(topo):
-            g = torch.compile(lambda x: (x.cos() * 2).sum())
+            g = torch.compile(lambda x: (x.cos() * {constant!r}).sum())
             return float(g(torch.ones(4)))
 
         print("RESULT", td.spawn(rank, 2, timeout=60))
         """,
         timeout=150,
-        env={
-            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
-            "TORCHINDUCTOR_COMPILE_THREADS": "2",
-        },
+        env={"TORCHINDUCTOR_COMPILE_THREADS": "2"},
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    value = 4 * 2 * torch.cos(torch.tensor(1.0)).item()
+    assert "CALLER POOL 1" in done.stdout, done.stdout  # the trap was set: a pool to inherit
+    value = 4 * constant * torch.cos(torch.tensor(1.0)).item()
     assert "RESULT [" in done.stdout, done.stdout
     results = eval(done.stdout.split("RESULT ", 1)[1].splitlines()[0])
-    assert results == pytest.approx([value, value], abs=1e-5)
+    assert results == pytest.approx([value, value], rel=1e-5)
 
 
 # ------------------------------------------------------- 3. sequential worlds in one torchrun job

@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import gc
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -27,6 +26,7 @@ from torchdist._stream import StreamLoader, is_stream
 from torchdist._tokens import count_tokens, token_mean_loss, with_window_tokens
 from torchdist.errors import CheckpointError, ConfigError, TopologyError
 from torchdist.placement import to_device
+from torchdist.runtime._forksafe import collector_frozen
 from torchdist.topology import Topology
 
 __all__ = [
@@ -174,11 +174,8 @@ class ShardedLoader:
         # Workers fork here. Freeze the collector across the fork (as td.spawn does): garbage
         # this process still holds (an earlier in-process world's gloo groups and stores) must
         # not be finalised in a worker, where that crashes it.
-        gc.freeze()
-        try:
+        with collector_frozen():
             return iter(loader)
-        finally:
-            gc.unfreeze()
 
     def _collate(self, indices: list[int]) -> Any:
         getitems = getattr(self.dataset, "__getitems__", None)

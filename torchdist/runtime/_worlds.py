@@ -46,7 +46,6 @@ Example::
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import os
 import sys
@@ -62,6 +61,7 @@ import torch
 from torchdist._compat import install_thread_world
 from torchdist.errors import DistributedTimeoutError
 from torchdist.runtime._distributed import distributed
+from torchdist.runtime._forksafe import collector_frozen
 from torchdist.runtime._ranks import (
     _GRACE_S,
     _collect_processes,
@@ -124,11 +124,8 @@ def spawn(
                 # Freeze the collector across the fork: garbage this process still holds (an
                 # earlier world's stores and gloo groups) must not be collected in the child,
                 # where finalising it hangs or crashes the rank.
-                gc.freeze()
-                try:
+                with collector_frozen():
                     proc.start()
-                finally:
-                    gc.unfreeze()
                 writer.close()
                 readers.append(reader)
                 procs.append(proc)
